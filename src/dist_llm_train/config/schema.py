@@ -1,0 +1,202 @@
+"""Typed run configuration.
+
+One :class:`RunConfig` describes a whole run; every section is a pydantic model that rejects unknown keys
+(``extra="forbid"``) so a typo is an error, not a silently ignored setting. Sections that later subsystems
+own (cluster, sync, compression, aggregation, privacy, scheduling, telemetry) live here too so that one
+YAML file and one ``--set`` syntax drive everything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are rejected, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+ModelPreset = Literal["gpt-tiny", "gpt-small", "gpt2-124m", "hf-gpt2", "hf-bert-mlm", "custom"]
+
+
+class ModelConfig(Section):
+    """Model architecture. A preset fills every shape; explicit fields override the preset's values."""
+
+    preset: ModelPreset = "gpt-tiny"
+    n_layer: int | None = Field(default=None, ge=1, le=96)
+    n_head: int | None = Field(default=None, ge=1, le=128)
+    n_embd: int | None = Field(default=None, ge=8, le=16384)
+    block_size: int | None = Field(default=None, ge=2, le=8192, description="context length in tokens")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="masking rate for BERT MLM")
+
+    @model_validator(mode="after")
+    def _custom_needs_shapes(self) -> ModelConfig:
+        if self.preset == "custom" and None in (self.n_layer, self.n_head, self.n_embd, self.block_size):
+            raise ValueError("model.preset 'custom' needs n_layer, n_head, n_embd and block_size")
+        if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        return self
+
+
+CorpusName = Literal["python-stdlib", "files", "tinyshakespeare", "wikitext2"]
+TokenizerKind = Literal["byte", "char", "bpe"]
+
+
+class DataConfig(Section):
+    """Corpus, tokenizer and split. ``python-stdlib`` needs no files and no network."""
+
+    corpus: CorpusName = "python-stdlib"
+    path: str | None = Field(
+        default=None,
+        description="files: a text file or a directory; tinyshakespeare/wikitext2: a local copy "
+        "(file or directory). Unset: python-stdlib is found at run time, the others are downloaded.",
+    )
+    glob: str = Field(default="**/*.txt", description="file pattern when path is a directory (corpus=files)")
+    max_bytes: int | None = Field(
+        default=3_000_000, ge=1024, description="cap on corpus size in bytes (keeps start-up fast)"
+    )
+    train_split: str = Field(default="train", description="wikitext2 split to train on (train/valid/test)")
+    val_split: str | None = Field(
+        default=None,
+        description="wikitext2 split to evaluate on; unset: the last val_fraction of the training text",
+    )
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    tokenizer: TokenizerKind = "byte"
+    vocab_size: int = Field(default=4096, ge=260, le=262_144, description="BPE vocabulary size")
+    shard_tokens: int = Field(default=65_536, ge=256, description="tokens per shard (a schedulable task)")
+    cache_dir: str = Field(default=".cache/dist-llm-train", description="downloads, tokenizers, token arrays")
+
+
+class TrainingConfig(Section):
+    """Optimisation and evaluation of one training process (the baseline every distributed run meets)."""
+
+    seed: int = 1337
+    max_steps: int = Field(default=600, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    min_lr: float = Field(default=1e-4, ge=0.0)
+    warmup_steps: int = Field(default=50, ge=0)
+    lr_decay_steps: int | None = Field(default=None, ge=1, description="cosine length; unset: max_steps")
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(default=0.99, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(default=1.0, gt=0.0, description="global norm clip; unset: none")
+    eval_interval: int = Field(default=100, ge=1)
+    eval_batches: int = Field(default=20, ge=1)
+    checkpoint_interval: int | None = Field(default=None, ge=1, description="unset: only at the end")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; unset: torch's default")
+    run_dir: str | None = Field(
+        default=None, description="where metrics, config and checkpoints go; unset: runs/<name>-<time>"
+    )
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainingConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"training.min_lr ({self.min_lr}) must not exceed training.lr ({self.lr})")
+        return self
+
+
+class CompressionConfig(Section):
+    """Update codec (see :func:`dist_llm_train.compression.build_codec`)."""
+
+    codec: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+    error_feedback: bool = True
+
+
+class AggregationConfig(Section):
+    """Aggregation rule and pre-aggregators (see :func:`dist_llm_train.aggregation.build_aggregator`)."""
+
+    rule: str = "mean"
+    f: int = Field(default=0, ge=0, description="declared number of Byzantine inputs per aggregation")
+    params: dict[str, Any] = Field(default_factory=dict)
+    pre: list[str] = Field(default_factory=list, description="pre-aggregators in order, e.g. [nnm]")
+    pre_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class PrivacyConfig(Section):
+    """Differential privacy. ``worker``: clip each update, noise once per aggregation (DP-FedAvg)."""
+
+    mode: Literal["none", "worker", "example"] = "none"
+    clip_norm: float = Field(default=1.0, gt=0.0)
+    noise_multiplier: float | None = Field(default=None, ge=0.0)
+    target_epsilon: float | None = Field(default=None, gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class SyncConfig(Section):
+    """How updates become model versions: sync, async (bounded staleness), adaptive, local-sgd."""
+
+    mode: Literal["sync", "async", "adaptive", "local-sgd"] = "sync"
+    quorum: int | None = Field(default=None, ge=1, description="sync: updates per step; unset: all workers")
+    straggler_timeout_s: float | None = Field(default=None, gt=0.0)
+    max_staleness: int = Field(default=4, ge=0)
+    staleness_policy: Literal["none", "inverse", "exponential"] = "inverse"
+    buffer_size: int = Field(default=1, ge=1, description="async: updates aggregated per server step")
+    local_steps: int = Field(default=20, ge=1, description="local-sgd: inner steps H")
+    outer_lr: float = Field(default=0.7, gt=0.0)
+    outer_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    server_optimizer: Literal["sgd", "nesterov", "adamw"] = "sgd"
+    server_lr: float = Field(default=1.0, gt=0.0)
+    worker_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class ClusterConfig(Section):
+    """Workers of a run (the local launcher and the simulator)."""
+
+    workers: int = Field(default=4, ge=1)
+    speeds: list[float] | None = Field(default=None, description="relative speed per worker")
+    byzantine: int = Field(default=0, ge=0)
+    attack: str | None = None
+    attack_params: dict[str, Any] = Field(default_factory=dict)
+    topology: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterConfig:
+        if self.speeds is not None and len(self.speeds) != self.workers:
+            raise ValueError(
+                f"cluster.speeds has {len(self.speeds)} entries but cluster.workers is {self.workers}"
+            )
+        if self.byzantine > self.workers:
+            raise ValueError(f"cluster.byzantine ({self.byzantine}) exceeds cluster.workers ({self.workers})")
+        return self
+
+
+class SchedulingConfig(Section):
+    scheduler: Literal["stable-matching", "priority", "capability"] = "capability"
+    lease_s: float = Field(default=60.0, gt=0.0)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0.0)
+    failure_detector: Literal["timeout", "phi-accrual"] = "timeout"
+    failure_timeout_s: float = Field(default=6.0, gt=0.0)
+
+
+class TelemetryConfig(Section):
+    log_interval: int = Field(default=10, ge=1, description="steps between metric lines")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    progress: bool = True
+
+
+class RunConfig(Section):
+    """A complete run: what to train, on what, how, and across which workers."""
+
+    name: str = "default"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
