@@ -133,22 +133,47 @@ class PrivacyConfig(Section):
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     accountant: Literal["rdp", "prv"] = "rdp"
 
+    @model_validator(mode="after")
+    def _noise_given(self) -> PrivacyConfig:
+        if self.mode == "worker" and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("privacy.mode 'worker' needs privacy.noise_multiplier or privacy.target_epsilon")
+        return self
+
 
 class SyncConfig(Section):
-    """How updates become model versions: sync, async (bounded staleness), adaptive, local-sgd."""
+    """How updates become model versions: sync, async (bounded staleness), adaptive, local-sgd.
+
+    Symptoms and settings: many ``too-stale`` rejections of slow workers → ``adaptive`` mode or a larger
+    ``max_staleness``; loss noisy or diverging under asynchrony → smaller ``max_staleness``, the ``inverse``
+    policy, or a larger ``buffer_size``; sync rounds waiting on one slow worker → ``quorum`` below the
+    worker count with a ``straggler_timeout_s``.
+    """
 
     mode: Literal["sync", "async", "adaptive", "local-sgd"] = "sync"
     quorum: int | None = Field(default=None, ge=1, description="sync: updates per step; unset: all workers")
     straggler_timeout_s: float | None = Field(default=None, gt=0.0)
-    max_staleness: int = Field(default=4, ge=0)
+    max_staleness: int = Field(default=4, ge=0, description="async bound; adaptive: the bound of fast workers")
+    adaptive_margin: float = Field(
+        default=1.5, ge=1.0, description="adaptive: bound = margin x a worker's measured natural staleness"
+    )
+    adaptive_max_staleness: int = Field(default=64, ge=0, description="adaptive: no bound exceeds this")
     staleness_policy: Literal["none", "inverse", "exponential"] = "inverse"
+    staleness_alpha: float = Field(default=0.5, gt=0.0, description="exponential policy: weight exp(-alpha tau)")
     buffer_size: int = Field(default=1, ge=1, description="async: updates aggregated per server step")
     local_steps: int = Field(default=20, ge=1, description="local-sgd: inner steps H")
     outer_lr: float = Field(default=0.7, gt=0.0)
     outer_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    server_optimizer: Literal["sgd", "nesterov", "adamw"] = "sgd"
-    server_lr: float = Field(default=1.0, gt=0.0)
-    worker_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    server_optimizer: Literal["sgd", "nesterov", "adamw"] = Field(
+        default="adamw", description="how aggregated gradients move the parameters (local-sgd: outer nesterov)"
+    )
+    server_lr: float | None = Field(
+        default=None, gt=0.0, description="unset: training.lr (adamw) or outer_lr (local-sgd)"
+    )
+    server_momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="sgd/nesterov momentum")
+    worker_momentum: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="workers send m = beta m + (1-beta) g (robustness: 0.9)"
+    )
+    history: int = Field(default=64, ge=1, description="parameter versions kept for deltas and staleness")
 
 
 class ClusterConfig(Section):

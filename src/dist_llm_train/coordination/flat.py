@@ -1,0 +1,58 @@
+"""Models as flat parameter vectors: the unit the parameter server, codecs and aggregators work on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of a model's parameters in ``model.parameters()`` order (tied weights once)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ParamLayout:
+        seen: set[int] = set()
+        names, shapes = [], []
+        for name, param in model.named_parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            names.append(name)
+            shapes.append(tuple(param.shape))
+        return cls(tuple(names), tuple(shapes))
+
+    @property
+    def numel(self) -> int:
+        total = 0
+        for shape in self.shapes:
+            count = 1
+            for dim in shape:
+                count *= dim
+            total += count
+        return total
+
+
+def flatten_params(model: nn.Module) -> torch.Tensor:
+    """A detached fp32 copy of all parameters as one vector."""
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().float().clone()
+
+
+def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy a flat vector into the model's parameters (in place, no autograd history)."""
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(flat.to(next(model.parameters()).device), model.parameters())
+
+
+def flat_grad(model: nn.Module) -> torch.Tensor:
+    """All gradients as one fp32 vector (zeros where a parameter received none)."""
+    parts = [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+        for p in model.parameters()
+    ]
+    return torch.cat(parts)

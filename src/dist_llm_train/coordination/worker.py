@@ -1,0 +1,161 @@
+"""What a worker computes: an update from the current parameters and one task's data.
+
+The same :class:`WorkerEngine` runs inside a real worker process and inside the simulator. Per update:
+
+1. load the pulled parameters into the local model;
+2. ``gradient`` modes (sync/async/adaptive): average the gradients of the task's micro-batches, clip them
+   to ``training.grad_clip``; ``local-sgd`` (DiLoCo): run ``sync.local_steps`` inner AdamW steps (the inner
+   optimiser state persists across rounds) and send the pseudo-gradient ``θ_start − θ_end``;
+3. worker momentum (``sync.worker_momentum`` β): send ``m ← β·m + (1−β)·g`` — what makes CenteredClip and
+   other robust rules hold under attack (Karimireddy et al. 2021);
+4. worker-level DP: clip the update to ``privacy.clip_norm`` (the coordinator adds the noise);
+5. compression with error feedback (a per-worker residual), done by :meth:`encode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dist_llm_train.compression import Codec, Encoded, ErrorFeedback, build_codec
+from dist_llm_train.config import RunConfig
+from dist_llm_train.coordination.flat import flat_grad, flatten_params, load_flat_params
+from dist_llm_train.data import get_batch
+from dist_llm_train.models import Batch, LanguageModel
+from dist_llm_train.privacy import clip_update
+
+TargetTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """The data an update is computed on: a token range (a shard) and how many micro-batches to draw."""
+
+    start: int
+    end: int
+    micro_batches: int
+    batch_seed: int
+
+
+@dataclass
+class ComputedUpdate:
+    vector: torch.Tensor
+    base_version: int
+    tokens: int
+    loss: float
+
+
+class WorkerEngine:
+    """Worker-side computation for one worker (one instance per worker: it holds per-worker state).
+
+    Args:
+        model: this worker's copy of the model (its weights are overwritten by each pull).
+        train_tokens: the training token array (the shards index into it).
+        cfg: the run config (modes, batch size, clipping, momentum, privacy, compression).
+        target_transform: a data attack (label flip) applied to targets before the loss; ``None``: honest.
+    """
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        train_tokens: np.ndarray,
+        cfg: RunConfig,
+        *,
+        device: torch.device | str = "cpu",
+        target_transform: TargetTransform | None = None,
+    ) -> None:
+        self.model = model.to(device)
+        self.device = torch.device(device)
+        self.train_tokens = train_tokens
+        self.cfg = cfg
+        self.target_transform = target_transform
+        self.local_sgd = cfg.sync.mode == "local-sgd"
+        self._momentum: torch.Tensor | None = None
+        self._inner: torch.optim.Optimizer | None = None
+        self.codec: Codec | ErrorFeedback = self._build_codec(model)
+
+    def _build_codec(self, model: LanguageModel) -> Codec | ErrorFeedback:
+        comp = self.cfg.compression
+        params = dict(comp.params)
+        if comp.codec == "powersgd" and "shapes" not in params:
+            params["shapes"] = [list(p.shape) for p in model.parameters()]
+        codec = build_codec(comp.codec, **params)
+        return ErrorFeedback(codec) if comp.error_feedback and comp.codec != "none" else codec
+
+    # ------------------------------------------------------------------ compute
+    def _batch(self, item: WorkItem, index: int) -> Batch:
+        tc = self.cfg.training
+        window = get_batch(
+            self.train_tokens,
+            tc.batch_size,
+            self.model.block_size,
+            item.batch_seed,
+            index,
+            item.start,
+            item.end,
+        )
+        generator = torch.Generator().manual_seed(item.batch_seed * 1_000_003 + index)
+        batch = self.model.make_batch(window, generator)
+        if self.target_transform is not None:
+            batch = Batch(batch.inputs, self.target_transform(batch.targets))
+        return batch.to(self.device)
+
+    def _gradient(self, item: WorkItem) -> tuple[torch.Tensor, float]:
+        self.model.zero_grad(set_to_none=True)
+        total = 0.0
+        for index in range(item.micro_batches):
+            loss, _ = self.model.loss_and_metrics(self._batch(item, index))
+            (loss / item.micro_batches).backward()
+            total += float(loss.detach()) / item.micro_batches
+        grad = flat_grad(self.model)
+        clip = self.cfg.training.grad_clip
+        if clip is not None:
+            norm = float(grad.norm())
+            if norm > clip:
+                grad.mul_(clip / (norm + 1e-6))
+        self.model.zero_grad(set_to_none=True)
+        return grad, total
+
+    def _local_steps(self, item: WorkItem) -> tuple[torch.Tensor, float]:
+        tc = self.cfg.training
+        if self._inner is None:
+            self._inner = self.model.configure_optimizer(
+                tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), self.device.type
+            )
+        start = flatten_params(self.model)
+        total = 0.0
+        steps = self.cfg.sync.local_steps
+        for index in range(steps):
+            loss, _ = self.model.loss_and_metrics(self._batch(item, index))
+            self._inner.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self._inner.step()
+            total += float(loss.detach()) / steps
+        self._inner.zero_grad(set_to_none=True)
+        return start - flatten_params(self.model), total
+
+    def compute(self, params: torch.Tensor, base_version: int, item: WorkItem) -> ComputedUpdate:
+        """The honest update for ``item`` starting from ``params`` (before compression)."""
+        load_flat_params(self.model, params)
+        self.model.train()
+        vector, loss = self._local_steps(item) if self.local_sgd else self._gradient(item)
+        beta = self.cfg.sync.worker_momentum
+        if beta > 0:
+            self._momentum = vector if self._momentum is None else beta * self._momentum + (1 - beta) * vector
+            vector = self._momentum.clone()
+        if self.cfg.privacy.mode == "worker":
+            vector, _ = clip_update(vector, self.cfg.privacy.clip_norm)
+        steps = self.cfg.sync.local_steps if self.local_sgd else item.micro_batches
+        tokens = steps * self.cfg.training.batch_size * self.model.block_size
+        return ComputedUpdate(
+            vector=vector.detach().cpu(), base_version=base_version, tokens=tokens, loss=loss
+        )
+
+    def encode(self, vector: torch.Tensor) -> Encoded:
+        """Compress for the wire (with this worker's error-feedback residual)."""
+        return self.codec.encode(vector)

@@ -1,0 +1,208 @@
+"""Parameter server and coordinators: admission, staleness, buffering, no-op steps, DP, Byzantine counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_llm_train.aggregation import build_aggregator
+from dist_llm_train.config import load_config
+from dist_llm_train.coordination import (
+    AdaptiveBound,
+    AsyncCoordinator,
+    FixedBound,
+    ParameterServer,
+    SyncCoordinator,
+    Update,
+    build_coordinator,
+    build_server,
+    staleness_weight,
+)
+from dist_llm_train.errors import NonFiniteError, PreconditionError
+from dist_llm_train.privacy import WorkerLevelDP
+
+D = 6
+
+
+def _server(optimizer: str = "sgd", lr: float = 1.0) -> ParameterServer:
+    return ParameterServer(torch.zeros(D), optimizer=optimizer, lr=lr, momentum=0.0, history=4)
+
+
+def _update(worker: str, version: int, value: float = 1.0, **kw: object) -> Update:
+    return Update(worker, version, torch.full((D,), value), **kw)
+
+
+def test_sgd_server_applies_descent_and_counts_versions() -> None:
+    server = _server()
+    assert server.apply(torch.ones(D)) == 1
+    assert torch.allclose(server.params, -torch.ones(D))
+    assert torch.allclose(server.delta_since(0), -torch.ones(D))
+    assert server.snapshot(0).abs().sum() == 0
+
+
+def test_history_ring_buffer_forgets_old_versions() -> None:
+    server = _server()
+    for _ in range(6):
+        server.apply(torch.ones(D))
+    assert server.oldest_version() == 3
+    assert server.snapshot(1) is None and server.delta_since(2) is None
+    assert torch.allclose(server.delta_since(4), -2 * torch.ones(D))
+
+
+def test_server_rejects_bad_updates_and_restores_state() -> None:
+    server = _server("adamw", lr=0.1)
+    with pytest.raises(PreconditionError, match="parameters"):
+        server.apply(torch.ones(D + 1))
+    with pytest.raises(NonFiniteError):
+        server.apply(torch.full((D,), float("nan")))
+    server.apply(torch.ones(D))
+    state = server.state_dict()
+    server.apply(torch.ones(D))
+    other = _server("adamw", lr=0.1)
+    other.load_state_dict(state)
+    assert other.version == 1
+    other.apply(torch.ones(D))
+    assert torch.equal(other.params, server.params)
+
+
+def test_empty_buffer_step_is_a_reported_noop() -> None:
+    server = _server()
+    coord = AsyncCoordinator(server, build_aggregator("mean"), bound=FixedBound(2), buffer_size=3)
+    report = coord.step()
+    assert report.noop and report.reason == "empty buffer"
+    assert server.version == 0 and torch.equal(server.params, torch.zeros(D))
+    assert coord.stats.noop_steps == 1 and coord.stats.steps == 0
+
+
+@pytest.mark.parametrize("bound", [0, 1, 3])
+def test_staleness_is_exact_and_bounded_as_configured(bound: int) -> None:
+    server = _server()
+    coord = AsyncCoordinator(server, build_aggregator("mean"), bound=FixedBound(bound), buffer_size=1)
+    for _ in range(5):
+        coord.submit(_update("fast", server.version))
+    assert server.version == 5
+    for base in range(6):
+        version_before = server.version
+        outcome = coord.submit(_update("slow", base))
+        assert outcome.staleness == version_before - base
+        assert outcome.accepted == (outcome.staleness <= bound)
+        if not outcome.accepted:
+            assert outcome.reason == "too-stale"
+    assert max(int(k) for k in coord.stats.staleness) <= bound
+
+
+def test_staleness_policies() -> None:
+    assert staleness_weight(0, "inverse") == 1.0
+    assert staleness_weight(4, "inverse") == 0.25
+    assert staleness_weight(3, "none") == 1.0
+    assert staleness_weight(2, "exponential", alpha=0.5) == pytest.approx(torch.e**-1.0)
+    server = _server()
+    coord = AsyncCoordinator(
+        server, build_aggregator("mean"), bound=FixedBound(8), buffer_size=1, staleness_policy="inverse"
+    )
+    for _ in range(4):
+        coord.submit(_update("a", server.version, 0.0))
+    before = server.params.clone()
+    outcome = coord.submit(_update("b", 0, 1.0))
+    assert outcome.weight == pytest.approx(0.25)
+    assert torch.allclose(before - server.params, torch.full((D,), 0.25))
+
+
+def test_buffered_async_aggregates_every_b_updates_with_a_robust_rule() -> None:
+    server = _server()
+    coord = AsyncCoordinator(server, build_aggregator("median", f=1), bound=FixedBound(10), buffer_size=3)
+    assert coord.submit(_update("a", 0, 1.0)).step is None
+    assert coord.submit(_update("b", 0, 2.0)).step is None
+    step = coord.submit(_update("evil", 0, 1e6, byzantine=True)).step
+    assert step is not None and step.n_inputs == 3 and not step.noop
+    assert torch.allclose(server.params, torch.full((D,), -2.0))  # median of {1, 2, 1e6}
+
+
+def test_rejections_are_counted_by_reason_and_never_raise() -> None:
+    server = _server()
+    coord = AsyncCoordinator(server, build_aggregator("mean"), bound=FixedBound(1), buffer_size=1)
+    outcomes = [
+        coord.submit(Update("x", 0, torch.ones(D + 2))),
+        coord.submit(Update("x", 5, torch.ones(D))),
+        coord.submit(Update("x", 0, torch.full((D,), float("inf")), byzantine=True)),
+        coord.submit(Update("x", 0, torch.ones(D, dtype=torch.int64))),
+    ]
+    assert [o.reason for o in outcomes] == ["wrong-shape", "unknown-version", "non-finite", "wrong-dtype"]
+    assert coord.stats.byzantine_rejected == 1
+    assert coord.stats.acceptance_rate == 0.0
+    assert server.version == 0
+
+
+def test_sync_rounds_quorum_duplicates_and_stale_rounds() -> None:
+    server = _server()
+    coord = SyncCoordinator(server, build_aggregator("mean"), quorum=3)
+    assert coord.submit(_update("a", 0)).accepted
+    assert coord.submit(_update("a", 0)).reason == "duplicate"
+    assert coord.submit(_update("b", 0)).step is None
+    assert coord.submit(_update("c", 0)).step is not None
+    assert server.version == 1
+    assert coord.submit(_update("d", 0)).reason == "stale-round"
+    # a straggler timeout closes the round with what arrived
+    coord.submit(_update("a", 1, 3.0))
+    report = coord.step()
+    assert report.n_inputs == 1 and server.version == 2
+
+
+def test_adaptive_bound_follows_each_workers_natural_staleness() -> None:
+    bound = AdaptiveBound(floor=2, ceiling=20, margin=1.5)
+    assert bound.bound("new") == 2
+    for _ in range(10):
+        bound.observe("fast", 1)
+        bound.observe("slow", 8)
+    assert bound.bound("fast") == 2  # tight
+    assert bound.bound("slow") == 12  # ceil(1.5 * 8)
+    bound.observe("glacial", 100)
+    assert bound.bound("glacial") == 20  # capped; bias correction makes one sample count fully
+    bound.forget("slow")
+    assert bound.bound("slow") == 2
+
+
+def test_adaptive_admits_a_slow_worker_after_measuring_it() -> None:
+    server = _server()
+    coord = AsyncCoordinator(server, build_aggregator("mean"), bound=AdaptiveBound(1, 32), buffer_size=1)
+    fixed = AsyncCoordinator(_server(), build_aggregator("mean"), bound=FixedBound(1), buffer_size=1)
+    accepted = {"adaptive": 0, "fixed": 0}
+    for _ in range(20):
+        base, fixed_base = server.version, fixed.server.version
+        for _ in range(6):  # the fast worker makes 6 steps while the slow one computes
+            coord.submit(_update("fast", server.version, 0.01))
+            fixed.submit(_update("fast", fixed.server.version, 0.01))
+        accepted["adaptive"] += coord.submit(_update("slow", base, 0.01)).accepted
+        accepted["fixed"] += fixed.submit(_update("slow", fixed_base, 0.01)).accepted
+    assert accepted["fixed"] == 0
+    assert accepted["adaptive"] >= 19  # only its first update, before it was measured, is refused
+
+
+def test_worker_dp_noise_is_added_once_per_step() -> None:
+    server = _server()
+    dp = WorkerLevelDP(
+        clip_norm=1.0, noise_multiplier=2.0, expected_workers=4, generator=torch.Generator().manual_seed(0)
+    )
+    coord = SyncCoordinator(server, build_aggregator("mean"), quorum=2, privacy=dp)
+    coord.submit(_update("a", 0, 0.0))
+    coord.submit(_update("b", 0, 0.0))
+    # sum of zero updates + N(0, (zS)^2), divided by the expected count 4: std 0.5 per coordinate
+    assert server.params.abs().max() > 0
+    big = ParameterServer(torch.zeros(200_000), optimizer="sgd", lr=1.0, momentum=0.0)
+    coord = SyncCoordinator(big, build_aggregator("mean"), quorum=1, privacy=dp)
+    coord.submit(Update("a", 0, torch.zeros(200_000)))
+    assert float(big.params.std()) == pytest.approx(0.5, rel=0.02)
+
+
+def test_build_from_config_modes() -> None:
+    params = torch.zeros(D)
+    for mode, cls in [("sync", SyncCoordinator), ("async", AsyncCoordinator), ("adaptive", AsyncCoordinator)]:
+        cfg = load_config(None, [f"sync.mode={mode}", "aggregation.rule=trimmed-mean", "aggregation.f=1"])
+        coord = build_coordinator(cfg, build_server(cfg, params), n_workers=4)
+        assert isinstance(coord, cls) and coord.mode == mode
+    cfg = load_config(None, ["sync.mode=local-sgd"])
+    server = build_server(cfg, params)
+    assert server.optimizer_name == "nesterov" and server.current_lr() == pytest.approx(0.7)
+    cfg = load_config(None, ["privacy.mode=worker", "privacy.target_epsilon=8", "training.max_steps=100"])
+    coord = build_coordinator(cfg, build_server(cfg, params), n_workers=4)
+    assert coord.privacy is not None and coord.privacy.noise_multiplier > 0
