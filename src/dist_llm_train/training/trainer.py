@@ -219,6 +219,8 @@ class Trainer:
                     last_eval = self.evaluate()
                     metrics.write("eval", step=done, **last_eval.as_dict())
                     history.append({"step": done, **last_eval.as_dict()})
+                    if self.cfg.telemetry.progress:
+                        progress.console.print(f"step {done}: val loss {last_eval.loss:.4f}", highlight=False)
                     if on_eval is not None:
                         on_eval(done, last_eval)
                 if tc.checkpoint_interval and done % tc.checkpoint_interval == 0 and done != tc.max_steps:
