@@ -19,11 +19,11 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["train", "--set", "training.lrr=1"], "unknown key 'training.lrr'"),
-        (["train", "--config", "no-such-preset"], "neither a file nor a preset"),
-        (["train", "--set", "model.preset=gpt-huge"], "model.preset='gpt-huge'"),
+        (["baseline", "--set", "training.lrr=1"], "unknown key 'training.lrr'"),
+        (["baseline", "--config", "no-such-preset"], "neither a file nor a preset"),
+        (["baseline", "--set", "model.preset=gpt-huge"], "model.preset='gpt-huge'"),
         (
-            ["train", "--set", "data.corpus=files", "--set", "data.path=/nonexistent/corpus"],
+            ["baseline", "--set", "data.corpus=files", "--set", "data.path=/nonexistent/corpus"],
             "/nonexistent/corpus",
         ),
     ],
@@ -38,7 +38,7 @@ def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], args: list[st
 
 def test_empty_corpus_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
-    code, _, err = _run(capsys, "train", "--set", "data.corpus=files", "--set", f"data.path={tmp_path}")
+    code, _, err = _run(capsys, "baseline", "--set", "data.corpus=files", "--set", f"data.path={tmp_path}")
     assert code == 2
     assert "Traceback" not in err and "error:" in err
 
@@ -49,7 +49,7 @@ def test_corrupt_checkpoint_resume_is_one_line(capsys: pytest.CaptureFixture[str
     (ckpt / "step-00000001" / "state.json").write_text("{not json")
     (ckpt / "latest").write_text("step-00000001\n")
     code, _, err = _run(
-        capsys, "train", "--resume", "--run-dir", str(tmp_path), "--set", "data.max_bytes=100000"
+        capsys, "baseline", "--resume", "--run-dir", str(tmp_path), "--set", "data.max_bytes=100000"
     )
     assert code == 2
     assert "corrupt" in err and "Traceback" not in err
@@ -57,7 +57,7 @@ def test_corrupt_checkpoint_resume_is_one_line(capsys: pytest.CaptureFixture[str
 
 def test_debug_shows_the_exception(tmp_path: Path) -> None:
     with pytest.raises(UserError):
-        main(["--debug", "train", "--set", "training.lrr=1"])
+        main(["--debug", "baseline", "--set", "training.lrr=1"])
 
 
 def test_config_show_and_validate(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -78,5 +78,5 @@ def test_cuda_without_gpu_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -
         code, _, _ = _run(capsys, "config", "show", "--set", "training.device=cuda")
         assert code == 0
         return
-    code, _, err = _run(capsys, "train", "--device", "cuda", "--set", "data.max_bytes=100000")
+    code, _, err = _run(capsys, "baseline", "--device", "cuda", "--set", "data.max_bytes=100000")
     assert code == 2 and "CUDA build" in err
