@@ -206,3 +206,18 @@ def test_build_from_config_modes() -> None:
     cfg = load_config(None, ["privacy.mode=worker", "privacy.target_epsilon=8", "training.max_steps=100"])
     coord = build_coordinator(cfg, build_server(cfg, params), n_workers=4)
     assert coord.privacy is not None and coord.privacy.noise_multiplier > 0
+
+
+def test_exclusions_name_workers_only_when_rows_are_inputs() -> None:
+    def run(pre: list[str]) -> tuple[int, int]:
+        coord = AsyncCoordinator(
+            _server(), build_aggregator("multi-krum", f=1, pre=pre, m=3), bound=FixedBound(9), buffer_size=12
+        )
+        for i in range(11):
+            coord.submit(_update(f"h{i}", 0, 1.0 + 0.01 * i))
+        coord.submit(_update("evil", 0, 1e4, byzantine=True))
+        assert coord.stats.steps == 1
+        return coord.stats.byzantine_excluded, coord.stats.honest_excluded
+
+    assert run([]) == (1, 8)  # Multi-Krum keeps 3 of 12: the attacker and 8 honest inputs are left out
+    assert run(["bucketing"]) == (0, 0)  # bucket rows (6 of them) are not workers: nothing is attributed

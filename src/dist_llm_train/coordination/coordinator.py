@@ -34,6 +34,9 @@ from dist_llm_train.coordination.staleness import (
 from dist_llm_train.errors import UserError
 from dist_llm_train.privacy import PrivacyAccountant, WorkerLevelDP
 
+# Pre-aggregators that map input i to row i, so a rule's selection still names workers.
+ROW_PRESERVING_PRE = frozenset({"nnm", "clip"})
+
 
 @dataclass
 class Update:
@@ -233,7 +236,9 @@ class Coordinator(ABC):
             vector = self._privatise(matrix, vector)
         self.server.apply(vector)
         excluded_idx = (
-            sorted(set(range(len(updates))) - set(result.selected)) if result.selected is not None else []
+            sorted(set(range(len(updates))) - set(result.selected))
+            if result.selected is not None and self._rows_are_inputs()
+            else []
         )
         excluded = [updates[i].worker_id for i in excluded_idx]
         byz_in = sum(u.byzantine for u in updates)
@@ -253,6 +258,10 @@ class Coordinator(ABC):
             byzantine_excluded=byz_out,
             diagnostics=dict(result.diagnostics),
         )
+
+    def _rows_are_inputs(self) -> bool:
+        """Whether the rule's selected rows are the submitted inputs (bucketing averages them away)."""
+        return all(p.name in ROW_PRESERVING_PRE for p in self.aggregator.pre)
 
     def _privatise(self, matrix: torch.Tensor, aggregated: torch.Tensor) -> torch.Tensor:
         """DP-FedAvg: noise N(0, (zS)²) once on the sum, divided by the expected number of updates.
