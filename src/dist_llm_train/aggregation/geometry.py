@@ -402,19 +402,20 @@ class Basis:
         if no_extras and bool((weights[: self.n] == 1.0 / self.n).all()):
             # the plain mean: a reduction is faster than a matrix-vector product with equal weights
             return self.x.mean(dim=0, dtype=self.wdtype).to(self.x.dtype)
-        if self.x.dtype == self.wdtype:
-            out = w[: self.n].to(self.wdtype) @ self.x
-        else:
-            out = torch.empty(self.d, dtype=self.wdtype, device=self.x.device)
-            wx = w[: self.n].to(self.wdtype)
-            chunk = column_chunk(self.n, self.d, self.x.device)
-            for c0 in range(0, self.d, chunk):
-                c1 = min(self.d, c0 + chunk)
-                out[c0:c1] = wx @ self.x[:, c0:c1].to(self.wdtype)
-        for j, extra in enumerate(self.extras):
-            wj = float(w[self.n + j])
-            if wj != 0.0:
-                out = out + wj * extra.to(self.wdtype)
+        wd = self.wdtype
+        wx = w[: self.n].to(wd)[None]
+        extras = [(float(w[self.n + j]), e) for j, e in enumerate(self.extras) if float(w[self.n + j]) != 0.0]
+        out = torch.empty(self.d, dtype=wd, device=self.x.device)
+        width = column_chunk(self.n, self.d, self.x.device, torch.finfo(wd).bits // 8)
+
+        def step(_: None, c0: int, c1: int) -> None:
+            # blocks in cache, spread over threads: faster than one large matrix-vector product here
+            dst = out[c0:c1]
+            torch.mm(wx, self.x[:, c0:c1].to(wd), out=dst[None])
+            for weight, extra in extras:
+                dst.add_(extra[c0:c1].to(wd), alpha=weight)
+
+        column_blocks(self.d, width, self.x.device, lambda: None, step)
         return out.to(self.x.dtype)
 
 
@@ -591,10 +592,12 @@ class Points:
         m = self.count
         dev = b.x.device
         zw = None if z is None else z.to(device=dev, dtype=wd)
-        comb_x = comb_e = None
+        comb_x: Tensor | None = None
+        comb_e: list[tuple[float, Tensor]] | None = None
         if combination is not None:
             comb = combination.to(torch.float64)
-            comb_x = comb[: b.n].to(device=dev, dtype=wd)
+            # an iterate sitting on an extra row (CenteredClip's first step) needs no product with x
+            comb_x = comb[: b.n].to(device=dev, dtype=wd) if bool(comb[: b.n].any()) else None
             comb_e = [
                 (float(comb[b.n + j]), e) for j, e in enumerate(b.extras) if float(comb[b.n + j]) != 0.0
             ]
@@ -610,9 +613,12 @@ class Points:
             buf, zbuf, acc = state
             out = buf[:, : c1 - c0]
             target = None if zw is None else zw[c0:c1]
-            if comb_x is not None and comb_e is not None:
+            if comb_e is not None:
                 target = zbuf[: c1 - c0]
-                torch.mm(comb_x[None], b.x[:, c0:c1].to(wd), out=target[None])
+                if comb_x is not None:
+                    torch.mm(comb_x[None], b.x[:, c0:c1].to(wd), out=target[None])
+                else:
+                    target.zero_()
                 for weight, extra in comb_e:
                     target.add_(extra[c0:c1].to(wd), alpha=weight)
             rows = b.x[:, c0:c1]
