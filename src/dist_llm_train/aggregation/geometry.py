@@ -44,10 +44,11 @@ __all__ = [
     "sq_distances_from_gram",
 ]
 
-# Bytes of one column block on the CPU (about the per-core L2 of the 2-core dev machine): small enough that a
-# block stays in cache while it is reused (centring, then the matmul), large enough that per-op overhead
-# stays small.
-_CPU_CHUNK_BYTES = 1 << 20
+# Bytes of one column block on the CPU. Measured at n=25, d=25M (docs/RESULTS.md): 1 MiB blocks (L2-sized)
+# made every blocked pass 2-3x slower than one large matmul, because a [26, 10k] Gram product is too small
+# for BLAS to reach its speed and per-op overhead dominates; 64 MiB blocks brought CenteredClip from 11.6x
+# to 5.5x the mean and the geometric median from 11.1x to 4.6x, while the block still fits in memory easily.
+_CPU_CHUNK_BYTES = 1 << 26
 _GPU_CHUNK_BYTES = 256 << 20
 # Distances are trusted to about this relative error; past it the Gram matrix is recomputed about a
 # better centre.  float32 unit roundoff times the ratio (squared distance of the core from the centre) /
