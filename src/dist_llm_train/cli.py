@@ -73,8 +73,12 @@ def baseline(
 @click.option("--max-steps", type=int, default=None, help="Shortcut for --set training.max_steps=N.")
 @click.option("--workers", type=int, default=None, help="Worker processes (default cluster.workers; 4).")
 @click.option("--insecure", is_flag=True, help="Plaintext sockets instead of CurveZMQ (still loopback only).")
-@click.option("--metrics-port", type=int, default=None, help="Serve the controller's Prometheus metrics here.")
-@click.option("--time-limit", type=float, default=None, help="Stop (with a checkpoint) after this many seconds.")
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve the controller's Prometheus metrics here."
+)
+@click.option(
+    "--time-limit", type=float, default=None, help="Stop (with a checkpoint) after this many seconds."
+)
 @click.option(
     "--pull-codec",
     type=click.Choice(["none", "fp16", "bf16", "int8"]),
@@ -137,7 +141,9 @@ def train(
 @cli.command()
 @config_option
 @set_option
-@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="ZeroMQ endpoint; port 0 = any.")
+@click.option(
+    "--bind", default="tcp://127.0.0.1:5555", show_default=True, help="ZeroMQ endpoint; port 0 = any."
+)
 @click.option("--keys", "keys_dir", default=None, help="Directory holding controller.key_secret (CurveZMQ).")
 @click.option("--allow", "allow_dir", default=None, help="Allow-list: directory of worker public .key files.")
 @click.option("--insecure", is_flag=True, help="Plaintext, no authentication (trusted networks only).")
@@ -146,11 +152,18 @@ def train(
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="Address of the metrics server.")
 @click.option(
-    "--pull-codec", type=click.Choice(["none", "fp16", "bf16", "int8"]), default="none", show_default=True,
+    "--pull-codec",
+    type=click.Choice(["none", "fp16", "bf16", "int8"]),
+    default="none",
+    show_default=True,
     help="Parameters to workers: none = full fp32; fp16/bf16 = 16-bit full and deltas; int8 = int8 deltas.",
 )
-@click.option("--time-limit", type=float, default=None, help="Stop (with a checkpoint) after this many seconds.")
-@click.option("--roles", "roles_file", default=None, help="Ground-truth roles.json (experiments: counts only).")
+@click.option(
+    "--time-limit", type=float, default=None, help="Stop (with a checkpoint) after this many seconds."
+)
+@click.option(
+    "--roles", "roles_file", default=None, help="Ground-truth roles.json (experiments: counts only)."
+)
 @click.option("--poll", "poll_s", type=float, default=0.05, show_default=True, help="Poll timeout (s).")
 def controller(
     config: str | None,
@@ -183,7 +196,7 @@ def controller(
         allow_dir=Path(allow_dir) if allow_dir is not None else None,
         insecure=insecure,
         resume=resume,
-        metrics_port=metrics_port,
+        metrics_port=metrics_port if metrics_port is not None else cfg.telemetry.metrics_port,
         metrics_addr=metrics_addr,
         pull_codec=pull_codec,
         time_limit_s=time_limit,
@@ -196,7 +209,9 @@ def controller(
 
 
 @cli.command()
-@click.option("--controller", "endpoint", required=True, help="Controller endpoint, e.g. tcp://10.0.0.1:5555.")
+@click.option(
+    "--controller", "endpoint", required=True, help="Controller endpoint, e.g. tcp://10.0.0.1:5555."
+)
 @click.option("--keys", "keys", default=None, help="This worker's NAME.key_secret (or a directory + --name).")
 @click.option("--server-key", default=None, help="The controller's public controller.key.")
 @click.option("--insecure", is_flag=True, help="Plaintext, no authentication (trusted networks only).")
@@ -208,9 +223,17 @@ def controller(
 @click.option("--speed", type=float, default=1.0, show_default=True, help="Relative speed in (0, 1].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
-@click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True, help="Reply timeout (s).")
-@click.option("--give-up-after", "give_up_s", type=float, default=300.0, show_default=True,
-              help="Exit when no controller answered for this long (s).")
+@click.option(
+    "--timeout", "timeout_s", type=float, default=30.0, show_default=True, help="Reply timeout (s)."
+)
+@click.option(
+    "--give-up-after",
+    "give_up_s",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Exit when no controller answered for this long (s).",
+)
 @click.option("--max-tasks", type=int, default=None, help="Leave after this many updates.")
 @click.option("--cache-dir", default=None, help="Token cache directory on this machine.")
 @click.option("--data-path", default=None, help="Corpus path on this machine (when it differs).")
@@ -271,7 +294,9 @@ def worker(
 
 @cli.command()
 @click.argument("run_dir", required=False)
-@click.option("--url", default=None, help="A live controller's metrics endpoint, e.g. http://127.0.0.1:9100/metrics.")
+@click.option(
+    "--url", default=None, help="A live controller's metrics endpoint, e.g. http://127.0.0.1:9100/metrics."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def metrics(run_dir: str | None, url: str | None, as_json: bool) -> None:
     """Summarise a distributed run: loss, throughput, acceptance, staleness, bytes per worker, Byzantine."""

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from dist_llm_train.aggregation import Aggregator
+from dist_llm_train.coordination.flat import all_finite
 from dist_llm_train.coordination.parameter_server import ParameterServer
 from dist_llm_train.coordination.staleness import (
     AdaptiveBound,
@@ -188,7 +189,7 @@ class Coordinator(ABC):
             return "wrong-dtype"
         if update.base_version > self.server.version or update.base_version < 0:
             return "unknown-version"
-        if not bool(torch.isfinite(update.vector).all()):
+        if not all_finite(update.vector):
             return "non-finite"
         return None
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from dist_llm_train.coordination.flat import all_finite
 from dist_llm_train.errors import NonFiniteError, PreconditionError
 
 ServerOptimizer = Literal["sgd", "nesterov", "adamw"]
@@ -97,7 +98,7 @@ class ParameterServer:
             raise PreconditionError(
                 f"update has shape {tuple(update.shape)} but the model has {self.numel} parameters"
             )
-        if not torch.isfinite(update).all():
+        if not all_finite(update):
             raise NonFiniteError("aggregated update holds NaN or Inf: refusing to apply it")
         lr = self.current_lr()
         for group in self._optimizer.param_groups:
