@@ -152,19 +152,24 @@ class SyncConfig(Section):
     mode: Literal["sync", "async", "adaptive", "local-sgd"] = "sync"
     quorum: int | None = Field(default=None, ge=1, description="sync: updates per step; unset: all workers")
     straggler_timeout_s: float | None = Field(default=None, gt=0.0)
-    max_staleness: int = Field(default=4, ge=0, description="async bound; adaptive: the bound of fast workers")
+    max_staleness: int = Field(
+        default=4, ge=0, description="async bound; adaptive: the bound of fast workers"
+    )
     adaptive_margin: float = Field(
         default=1.5, ge=1.0, description="adaptive: bound = margin x a worker's measured natural staleness"
     )
     adaptive_max_staleness: int = Field(default=64, ge=0, description="adaptive: no bound exceeds this")
     staleness_policy: Literal["none", "inverse", "exponential"] = "inverse"
-    staleness_alpha: float = Field(default=0.5, gt=0.0, description="exponential policy: weight exp(-alpha tau)")
+    staleness_alpha: float = Field(
+        default=0.5, gt=0.0, description="exponential policy: weight exp(-alpha tau)"
+    )
     buffer_size: int = Field(default=1, ge=1, description="async: updates aggregated per server step")
     local_steps: int = Field(default=20, ge=1, description="local-sgd: inner steps H")
     outer_lr: float = Field(default=0.7, gt=0.0)
     outer_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     server_optimizer: Literal["sgd", "nesterov", "adamw"] = Field(
-        default="adamw", description="how aggregated gradients move the parameters (local-sgd: outer nesterov)"
+        default="adamw",
+        description="how aggregated gradients move the parameters (local-sgd: outer nesterov)",
     )
     server_lr: float | None = Field(
         default=None, gt=0.0, description="unset: training.lr (adamw) or outer_lr (local-sgd)"
