@@ -1163,8 +1163,10 @@ class Controller:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
             if sock is not None:
-                # Give the SHUTDOWN messages a moment to leave; a gone worker must not hold us up longer.
-                sock.close(linger=500)
+                # Give the SHUTDOWN messages time to leave: on a loaded machine the I/O thread needed more
+                # than 0.5 s, and a worker that misses SHUTDOWN keeps trying to re-register. Sends to gone
+                # peers already failed (ROUTER_MANDATORY), so only live workers' messages are waited for.
+                sock.close(linger=2000)
             if curve is not None:
                 curve.stop()
             if exporter is not None:
