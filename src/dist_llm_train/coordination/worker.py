@@ -146,7 +146,10 @@ class WorkerEngine:
         vector, loss = self._local_steps(item) if self.local_sgd else self._gradient(item)
         beta = self.cfg.sync.worker_momentum
         if beta > 0:
-            self._momentum = vector if self._momentum is None else beta * self._momentum + (1 - beta) * vector
+            # m starts at zero (Karimireddy et al. 2021): starting at the first gradient would give that
+            # gradient a total weight of 1/(1-beta) over the following rounds instead of 1.
+            previous = self._momentum if self._momentum is not None else torch.zeros_like(vector)
+            self._momentum = beta * previous + (1 - beta) * vector
             vector = self._momentum.clone()
         if self.cfg.privacy.mode == "worker":
             vector, _ = clip_update(vector, self.cfg.privacy.clip_norm)
