@@ -298,6 +298,13 @@ def test_controller_sigkill_and_resume(procs: Processes, tmp_path: Path, cache: 
             "--speed",
             "0.5",
         )
+    # Both workers must be in before the kill (on a loaded machine one can still be importing torch
+    # when the other alone has reached the checkpoint).
+    wait_for(
+        lambda: {r["name"] for r in events(run_dir, "register")} >= {"worker-0", "worker-1"},
+        120,
+        "both workers to register",
+    )
     wait_for(
         lambda: [c for c in events(run_dir, "checkpoint") if c["step"] >= 20], 120, "a checkpoint at step 20"
     )
