@@ -31,13 +31,13 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from dist_llm_train.aggregation.geometry import column_blocks
 from dist_llm_train.errors import PreconditionError
 
 __all__ = [
@@ -503,26 +503,12 @@ def _run_eager(x: Tensor, ranks: tuple[int, ...]) -> Tensor:
     plan = _eager_plan(n, ranks)
     width = max(1, min(d, (_GRAIN - 1) // max(1, plan.size // 2)))
     out = torch.empty(d, dtype=x.dtype)
-    n_chunks = -(-d // width)
-    n_threads = max(1, min(torch.get_num_threads(), n_chunks))
-    per_thread = -(-n_chunks // n_threads)
 
-    def work(t: int) -> None:
-        # A contiguous column range per thread keeps its reads of x sequential.
-        c = t * per_thread * width
-        end = min(d, (t + 1) * per_thread * width)
-        worker: _ChunkWorker | None = None
-        while c < end:
-            w = min(width, end - c)
-            if worker is None or worker.w != w:
-                worker = _ChunkWorker(plan, w, x.dtype)
-            worker.run(x, c, out)
-            c += w
+    def step(cache: list[_ChunkWorker], c0: int, c1: int) -> None:
+        # one worker (with its chunk buffers) per thread, rebuilt only for the narrower tail chunk
+        if not cache or cache[0].w != c1 - c0:
+            cache[:] = [_ChunkWorker(plan, c1 - c0, x.dtype)]
+        cache[0].run(x, c0, out)
 
-    if n_threads == 1:
-        work(0)
-    else:
-        with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="coordinatewise") as pool:
-            for future in [pool.submit(work, t) for t in range(n_threads)]:
-                future.result()
+    column_blocks(d, width, torch.device("cpu"), list, step)
     return out

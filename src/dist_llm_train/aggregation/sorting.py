@@ -23,13 +23,13 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from dist_llm_train.aggregation.coordinatewise import COMPILE_MIN_NUMEL
+from dist_llm_train.aggregation.geometry import column_blocks
 
 __all__ = [
     "Backend",
@@ -244,25 +244,12 @@ def closest_to_median_mean_rows(
             return result
     out = torch.empty(d, dtype=x.dtype, device=x.device)
     width = max(1, min(d, _COLUMNS_PER_OP))
-    n_blocks = -(-d // width)
-    n_threads = max(1, min(torch.get_num_threads(), n_blocks))
-    per_thread = -(-n_blocks // n_threads)
 
-    def work(t: int) -> None:
-        c = t * per_thread * width
-        end = min(d, (t + 1) * per_thread * width)
-        worker: _Worker | None = None
-        while c < end:
-            w = min(width, end - c)
-            if worker is None or worker.width != w:
-                worker = _Worker(theta, beta, w, x.dtype, x.device)
-            worker.run(x, idx, c, out)
-            c += w
+    def step(cache: list[_Worker], c0: int, c1: int) -> None:
+        # one worker (with its buffers) per thread, rebuilt only for the narrower tail block
+        if not cache or cache[0].width != c1 - c0:
+            cache[:] = [_Worker(theta, beta, c1 - c0, x.dtype, x.device)]
+        cache[0].run(x, idx, c0, out)
 
-    if n_threads == 1:
-        work(0)
-    else:
-        with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="bulyan") as pool:
-            for future in [pool.submit(work, t) for t in range(n_threads)]:
-                future.result()
+    column_blocks(d, width, x.device, list, step)
     return out
