@@ -396,6 +396,21 @@ def test_leave_requeues_and_finish_shuts_everyone_down(cache: Path, data: Prepar
     assert isinstance(reply, Shutdown)
 
 
+def test_finish_also_shuts_down_a_worker_evicted_as_silent(cache: Path, data: PreparedData) -> None:
+    # On a loaded host a live worker can miss the failure timeout; at the end it must still hear SHUTDOWN,
+    # or it keeps trying to re-register with a controller that is gone.
+    h = Harness(_config(cache), data)
+    h.register("slow")
+    h.register("left")
+    assert h.send("left", Leave(reason="bye")) == []
+    h.clock.advance(3.0)
+    h.core.tick()
+    assert "slow" not in h.core.workers and h.core.evictions["silent"] == 1
+    out = h.core.finish("signal-sigterm")
+    assert [(o.worker_id, type(o.message)) for o in out] == [("slow", Shutdown)]
+    assert out[0].message.reason == "signal-sigterm"
+
+
 def test_register_again_releases_the_old_leases(cache: Path, data: PreparedData) -> None:
     h = Harness(_config(cache), data)
     h.register("w")

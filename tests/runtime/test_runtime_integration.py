@@ -157,8 +157,10 @@ class Processes:
         try:
             return self.children[name].wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            # The controller's side of the story too: most such failures are about what it sent.
+            context = "" if name == "controller" else f"\ncontroller log:\n{self.log('controller')[-3000:]}"
             raise AssertionError(
-                f"{name} did not exit within {timeout_s:.0f} s:\n{self.log(name)[-3000:]}"
+                f"{name} did not exit within {timeout_s:.0f} s:\n{self.log(name)[-3000:]}{context}"
             ) from None
 
     def kill_all(self) -> None:

@@ -135,6 +135,7 @@ _PARK_S = 1.0
 _RETRY_S = 0.05
 # Protocol errors logged per code before logging only every 100th (a flood must not fill the disk).
 _LOG_FIRST = 20
+_MAX_UNREGISTERED_CONTACTS = 4096
 
 
 def run_config_payload(cfg: RunConfig, data_fingerprint: str, numel: int, shapes: dict[str, Any]) -> str:
@@ -328,6 +329,9 @@ class ControllerCore:
         self.finished = False
         self._logged_errors: Counter[str] = Counter()
         self._waiters: OrderedDict[str, _Waiter] = OrderedDict()
+        # Workers that may still be running though they are not registered (evicted as silent, or heard
+        # from since): they get SHUTDOWN too at the end, or they would keep trying to re-register.
+        self._unregistered_contacts: OrderedDict[str, bytes] = OrderedDict()
         self._contributed: dict[str, int] = {}
         self._round_started = clock.now()
         self._dirty = False
@@ -436,6 +440,8 @@ class ControllerCore:
                 return self._on_register(inbound, msg)
             record = self.workers.get(inbound.worker_id)
             if record is None:
+                if not isinstance(msg, Leave):
+                    self._remember_unregistered(inbound.worker_id, inbound.routing_id)
                 if isinstance(msg, Heartbeat):
                     return [
                         self._to(inbound, HeartbeatAck(ref=msg.id, version=self.version, registered=False))
@@ -530,7 +536,17 @@ class ControllerCore:
             record.reported_throughput = msg.throughput
         return [self._to(inbound, HeartbeatAck(ref=msg.id, version=self.version))]
 
+    def _remember_unregistered(self, worker_id: str, routing_id: bytes) -> None:
+        self._unregistered_contacts[worker_id] = routing_id
+        self._unregistered_contacts.move_to_end(worker_id)
+        while len(self._unregistered_contacts) > _MAX_UNREGISTERED_CONTACTS:
+            self._unregistered_contacts.popitem(last=False)
+
     def _evict(self, worker_id: str, reason: str, *, detail: str = "") -> None:
+        record = self.workers.get(worker_id)
+        if record is not None and reason == "silent":
+            # Silent is not dead: on a loaded host a live worker can miss the failure timeout.
+            self._remember_unregistered(worker_id, record.routing_id)
         self.detector.remove(worker_id)
         self.coordinator.forget(worker_id)
         tasks = self.pool.release_worker(worker_id)
@@ -854,6 +870,9 @@ class ControllerCore:
             waiter = self._waiters.get(record.worker_id)
             ref = None if waiter is None else waiter.ref
             out.append(Outgoing(record.routing_id, record.worker_id, Shutdown(ref=ref, reason=reason)))
+        for worker_id, routing_id in self._unregistered_contacts.items():
+            if worker_id not in self.workers:
+                out.append(Outgoing(routing_id, worker_id, Shutdown(reason=reason)))
         self._waiters.clear()
         return out
 
