@@ -209,7 +209,13 @@ class Aggregator(_Stage, ABC):
         n = int(x.shape[0])
         n_rule = self.preconditions(n)
         stages: list[_Stage] = [*self.pre, self]
-        basis = Basis(x, self.f, with_offset=any(s.changes_row_sums for s in stages))
+        basis = Basis(
+            x,
+            self.f,
+            with_offset=any(s.changes_row_sums for s in stages),
+            # rules without a kernel choice never compile (no surprise stall on their first call)
+            backend=getattr(self, "backend", "eager"),
+        )
         if any(s.uses_geometry for s in self.pre):
             basis.geometry(self.name)
         if any(s.needs_finite_inputs for s in stages):

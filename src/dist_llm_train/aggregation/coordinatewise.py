@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dist_llm_train.aggregation.geometry import column_blocks
+from dist_llm_train.aggregation.blocks import column_blocks
 from dist_llm_train.errors import PreconditionError
 
 __all__ = [
@@ -89,10 +89,7 @@ def coordinate_median(x: Tensor, *, backend: Backend = "auto", size_hint: int | 
         (except that a column whose middle values are ``-0.0`` and ``0.0`` may give either zero).
     """
     x = _check_input(x, "coordinate_median")
-    n = x.shape[0]
-    m = n // 2
-    ranks = (m,) if n % 2 == 1 else (m - 1, m)
-    return _order_statistic_mean(x, ranks, backend, size_hint)
+    return _order_statistic_mean(x, median_ranks(x.shape[0]), backend, size_hint)
 
 
 def coordinate_trimmed_mean(
@@ -235,13 +232,20 @@ def _prune(pairs: Sequence[tuple[int, int]], wanted: frozenset[int]) -> list[tup
 
 
 @functools.cache
-def _kernel_source(n: int, ranks: tuple[int, ...]) -> str:
+def pruned_network(n: int, ranks: tuple[int, ...]) -> tuple[tuple[int, int, bool, bool], ...]:
+    """The comparators ``(lo, hi, need_min, need_max)`` that put the multiset of ``ranks`` of n values on
+    those wires (Batcher's network, pruned); shared with the C++ kernels of :mod:`.onepass`."""
     # Padding wires (n .. next_pow2(n)-1) would hold +inf and stay put, so every comparator touching one
     # is a no-op and is dropped here.
     pairs = [(a, b) for a, b in _batcher_network(_next_pow2(n)) if b < n]
-    lines = ["def _kernel(x):"]
-    lines += [f"    v{i} = x[{i}]" for i in range(n)]
-    for lo, hi, need_min, need_max in _prune(pairs, frozenset(ranks)):
+    return tuple(_prune(pairs, frozenset(ranks)))
+
+
+def _network_lines(n: int, ranks: tuple[int, ...]) -> tuple[list[str], str]:
+    """Body lines (reading rows ``x[i]`` into wires ``v0..v{n-1}``) of the pruned network, and the
+    expression for the mean of the wanted ``ranks``."""
+    lines = [f"    v{i} = x[{i}]" for i in range(n)]
+    for lo, hi, need_min, need_max in pruned_network(n, ranks):
         if need_min and need_max:
             lines.append(
                 f"    t = torch.minimum(v{lo}, v{hi}); v{hi} = torch.maximum(v{lo}, v{hi}); v{lo} = t"
@@ -251,12 +255,24 @@ def _kernel_source(n: int, ranks: tuple[int, ...]) -> str:
         else:
             lines.append(f"    v{hi} = torch.maximum(v{lo}, v{hi})")
     if len(ranks) == 1:
-        lines.append(f"    return v{ranks[0]}")  # for n >= 2 always a comparator output, never x itself
+        result = f"v{ranks[0]}"  # for n >= 2 always a comparator output, never x itself
     elif len(ranks) == 2:
-        lines.append(f"    return (v{ranks[0]} + v{ranks[1]}) * 0.5")
+        result = f"(v{ranks[0]} + v{ranks[1]}) * 0.5"
     else:
-        lines.append(f"    return ({' + '.join(f'v{r}' for r in ranks)}) / {len(ranks)}")
-    return "\n".join(lines) + "\n"
+        result = f"({' + '.join(f'v{r}' for r in ranks)}) / {len(ranks)}"
+    return lines, result
+
+
+def median_ranks(n: int) -> tuple[int, ...]:
+    """The 0-based ranks whose mean is the true median of n values (one rank for odd n, two for even)."""
+    m = n // 2
+    return (m,) if n % 2 == 1 else (m - 1, m)
+
+
+@functools.cache
+def _kernel_source(n: int, ranks: tuple[int, ...]) -> str:
+    body, result = _network_lines(n, ranks)
+    return "\n".join(["def _kernel(x):", *body, f"    return {result}"]) + "\n"
 
 
 def _source_kernel(n: int, ranks: tuple[int, ...]) -> Callable[[Tensor], Tensor]:

@@ -24,14 +24,15 @@ matrix is ``C G Cᵀ`` and nothing d-sized is recomputed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+from dist_llm_train.aggregation import onepass
+from dist_llm_train.aggregation.blocks import column_blocks
+from dist_llm_train.aggregation.coordinatewise import Backend
 from dist_llm_train.errors import NonFiniteError
 
 __all__ = [
@@ -55,8 +56,6 @@ _GPU_CHUNK_BYTES = 256 << 20
 # (squared distance inside the core) estimates the error of a Gram-derived distance.
 _RECENTRE_REL_ERROR = 1e-5
 
-S = TypeVar("S")
-
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype d-sized arithmetic runs in: float64 stays float64, everything else runs in float32."""
@@ -67,39 +66,6 @@ def column_chunk(rows: int, d: int, device: torch.device, itemsize: int = 4) -> 
     """Columns per block so that a ``[rows, block]`` tensor fits the cache budget of ``device``."""
     budget = _GPU_CHUNK_BYTES if device.type != "cpu" else _CPU_CHUNK_BYTES
     return max(1, min(d, max(1024, budget // (itemsize * max(rows, 1)))))
-
-
-def column_blocks(
-    d: int, width: int, device: torch.device, make_state: Callable[[], S], step: Callable[[S, int, int], None]
-) -> list[S]:
-    """Run ``step(state, c0, c1)`` over column blocks of ``width``; one contiguous range per thread.
-
-    On the CPU the ranges are spread over ``torch.get_num_threads()`` Python threads, each with its own
-    ``state`` (buffers, partial sums): torch ops release the GIL, and ops on cache-sized blocks are too
-    small for torch's own intra-op threads to pay off (an OpenMP fork/join per small op costs more than
-    the op, and far more on an oversubscribed machine).  Returns the states in range order, so that
-    reductions over them are deterministic for a given thread count.
-    """
-    n_blocks = -(-d // width)
-    threads = 1 if device.type != "cpu" else max(1, min(torch.get_num_threads(), n_blocks))
-    per_thread = -(-n_blocks // threads)
-    states = [make_state() for _ in range(threads)]
-
-    def work(t: int) -> None:
-        c0 = t * per_thread * width
-        end = min(d, (t + 1) * per_thread * width)
-        while c0 < end:
-            c1 = min(end, c0 + width)
-            step(states[t], c0, c1)
-            c0 = c1
-
-    if threads == 1:
-        work(0)
-    else:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aggregation") as pool:
-            for future in [pool.submit(work, t) for t in range(threads)]:
-                future.result()
-    return states
 
 
 def all_finite(t: Tensor) -> bool:
@@ -227,10 +193,14 @@ class Basis:
         x: the inputs [n, d]; never written to.
         f: declared Byzantine count, used to pick a likely-honest core when the centre is re-chosen.
         with_offset: also compute the inner products with the centre (needed by norm clipping).
+        backend: whether the output combination may use the one-pass kernel of :mod:`.onepass`
+            ("eager", the default: never; "auto": for large CPU inputs; "compiled": whenever the weights
+            allow).
     """
 
-    def __init__(self, x: Tensor, f: int, with_offset: bool) -> None:
+    def __init__(self, x: Tensor, f: int, with_offset: bool, backend: Backend = "eager") -> None:
         self.x = x
+        self.backend = backend
         self.n = int(x.shape[0])
         self.d = int(x.shape[1])
         self.f = f
@@ -403,6 +373,16 @@ class Basis:
         if no_extras and bool((weights[: self.n] == 1.0 / self.n).all()):
             # the plain mean: a reduction is faster than a matrix-vector product with equal weights
             return self.x.mean(dim=0, dtype=self.wdtype).to(self.x.dtype)
+        arguments = (
+            onepass.on_basis(weights, self.x, self.extras)
+            if onepass.use_compiled(self.x, self.backend)
+            else None
+        )
+        if arguments is not None:
+            # one loop over the columns: about 20% faster than the blocked matrix-vector products below
+            fused = onepass.combination(self.x, *arguments, strict=self.backend == "compiled")
+            if fused is not None:
+                return fused
         wd = self.wdtype
         wx = w[: self.n].to(wd)[None]
         extras = [(float(w[self.n + j]), e) for j, e in enumerate(self.extras) if float(w[self.n + j]) != 0.0]

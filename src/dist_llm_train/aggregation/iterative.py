@@ -3,9 +3,10 @@
 Every iterate is an affine combination of the points, ``z = Σ_j γ_j p_j`` with ``Σ γ = 1``, so distances
 follow from the centred Gram matrix H: ``‖z − p_i‖² = γᵀHγ − 2(Hγ)_i + H_ii``.  In this *span* mode the
 d-sized work is the Gram pass plus one final weighted sum, whatever the number of iterations.  For a
-few iterations it is cheaper to work on the vectors directly (*direct* mode: per iteration one blocked
-pass that forms the iterate and the distances to it); ``method="auto"`` picks the cheaper one by the
-cost model below, and both give the same result up to rounding.
+few iterations it is cheaper to work on the vectors directly (*direct* mode: per iteration one pass that
+forms the iterate and the distances to it, by the one-pass kernels of :mod:`.onepass` for large CPU
+inputs; CenteredClip's median start is computed in its first pass); ``method="auto"`` picks the cheaper
+one by the cost model below, and both give the same result up to rounding.
 """
 
 from __future__ import annotations
@@ -17,21 +18,26 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dist_llm_train.aggregation import onepass
 from dist_llm_train.aggregation.base import AggregationResult, Aggregator, Decision, PreAggregator
+from dist_llm_train.aggregation.coordinatewise import Backend
 from dist_llm_train.aggregation.geometry import Points
-from dist_llm_train.aggregation.rules import coordinatewise, median_statistic
+from dist_llm_train.aggregation.rules import check_backend, coordinatewise, median_statistic
 from dist_llm_train.errors import ConfigError, PreconditionError
 
 __all__ = ["CenteredClip", "GeometricMedian"]
 
 Method = Literal["auto", "span", "direct"]
 # Cost model for method="auto", in passes over the data (one pass = the time of ``x.mean(0)``), measured
-# on a 2-core CPU with n = 25, d = 4M: the centred Gram pass costs about 0.2 n passes (it is compute
+# on a 2-core CPU with n = 25, d = 5M: the centred Gram pass costs about 0.2 n passes (it is compute
 # bound, and its cost per column grows with n); a direct iteration (form the iterate and the distances
-# to it, block by block) about 2.  Both then pay one pass for the output.  So CenteredClip with L <= 2
-# runs direct; L >= 3 and the geometric median with T = 8 run on the Gram matrix.
+# to it) about 0.9 with the one-pass kernel and about 2 with blocked torch ops.  Both modes then pay one
+# pass for the output, and the span mode one more for CenteredClip's median start, which the one-pass
+# kernel computes with the first distances.  So with the one-pass kernels CenteredClip runs direct up to
+# L = 5 and the geometric median with T = 8 on the Gram matrix; with blocked ops direct pays for L <= 2.
 _GRAM_PASSES_PER_ROW = 0.2
 _DIRECT_PASSES_PER_ITERATION = 2.0
+_COMPILED_PASSES_PER_ITERATION = 1.0
 
 
 def _check_method(method: object, owner: str) -> Method:
@@ -56,12 +62,49 @@ def _positive_float(value: object, what: str, allow_zero: bool = False) -> float
     return v
 
 
-def _use_span(method: Method, points: Points, iterations: int) -> bool:
+def _one_pass(points: Points, backend: Backend) -> bool:
+    """Whether direct iterations on ``points`` run the one-pass kernels."""
+    return points.is_inputs and onepass.use_compiled(points.basis.x, backend)
+
+
+def _use_span(method: Method, points: Points, iterations: int, one_pass: bool) -> bool:
     if method != "auto":
         return method == "span"
     if points.basis.has_geometry:
         return True
-    return _DIRECT_PASSES_PER_ITERATION * iterations > _GRAM_PASSES_PER_ROW * points.basis.size
+    per_iteration = _COMPILED_PASSES_PER_ITERATION if one_pass else _DIRECT_PASSES_PER_ITERATION
+    return per_iteration * iterations > _GRAM_PASSES_PER_ROW * points.basis.size
+
+
+def _direct_distances(
+    points: Points, coefficients: Tensor, what: str, backend: Backend, one_pass: bool
+) -> Callable[[Tensor], Tensor]:
+    """Distances from ``z = Σ γ_j q_j`` to every point, where ``coefficients`` [len(γ), K] expresses the
+    rows q_j on the basis; one d-sized pass per call, by the one-pass kernel where it applies."""
+    basis = points.basis
+
+    def dist(gamma: Tensor) -> Tensor:
+        weights = coefficients.T @ gamma
+        sq = None
+        arguments = onepass.on_basis(weights, basis.x, basis.extras) if one_pass else None
+        if arguments is not None:
+            sq = onepass.sq_distances_to_combination(basis.x, *arguments, strict=backend == "compiled")
+            if sq is not None:
+                basis.passes += 1
+                if not basis.finite_verified:
+                    basis.verify_rowwise(sq, what)
+        if sq is None:
+            sq = points.sq_distances_to_combination(weights, what)
+        return sq.sqrt()
+
+    return dist
+
+
+def _kernel_name(span: bool, one_pass: bool) -> str:
+    """What did the d-sized work, for diagnostics: the Gram matrix, the one-pass kernels or blocked ops."""
+    if span:
+        return "gram"
+    return "one-pass" if one_pass and onepass.available() else "blocked"
 
 
 def _span_distances(h: Tensor, targets: int) -> Callable[[Tensor], Tensor]:
@@ -89,6 +132,10 @@ class GeometricMedian(Aggregator):
             ["converged"]`` is usually False, raise it.
         tol: stop early when the smoothed objective changes by less than ``tol`` relatively.
         method: "auto" (default), "span" (iterate on the Gram matrix) or "direct" (iterate on vectors).
+        backend: kernels of the direct iterations: "auto" (default; large CPU inputs use the one-pass
+            kernels of :mod:`.onepass`, built by the system C++ compiler in about 2 s on first use),
+            "compiled" (always, for any size; a build failure raises) or "eager" (blocked torch ops, no
+            compiler; about 2x slower per iteration on large inputs).
     """
 
     name = "geometric-median"
@@ -102,12 +149,14 @@ class GeometricMedian(Aggregator):
         iterations: int = 8,
         tol: float = 1e-6,
         method: Method = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__(f, pre)
         self.nu = _positive_float(nu, "geometric-median: nu")
         self.iterations = _positive_int(iterations, "geometric-median: iterations")
         self.tol = _positive_float(tol, "geometric-median: tol", allow_zero=True)
         self.method = _check_method(method, "geometric-median")
+        self.backend = check_backend(backend, "geometric-median")
 
     def min_inputs(self, f: int) -> tuple[int, str]:
         return 2 * f + 1, "2f+1"
@@ -121,14 +170,12 @@ class GeometricMedian(Aggregator):
     def decide(self, points: Points) -> Decision:
         m = points.count
         gamma = torch.full((m,), 1.0 / m, dtype=torch.float64)
-        span = _use_span(self.method, points, self.iterations)
+        one_pass = _one_pass(points, self.backend)
+        span = _use_span(self.method, points, self.iterations, one_pass)
         if span:
             distances = _span_distances(points.gram(self.name), m)
         else:
-            coefficients = points.coefficients()
-
-            def distances(g: Tensor) -> Tensor:
-                return points.sq_distances_to_combination(coefficients.T @ g, self.name).sqrt()
+            distances = _direct_distances(points, points.coefficients(), self.name, self.backend, one_pass)
 
         previous: float | None = None
         steps = 0
@@ -151,6 +198,7 @@ class GeometricMedian(Aggregator):
                 "converged": converged,
                 "within_nu": int((dist < self.nu).sum()),
                 "mode": "span" if span else "direct",
+                "kernel": _kernel_name(span, one_pass),
             },
         )
 
@@ -173,6 +221,12 @@ class CenteredClip(Aggregator):
             the coordinate median of the inputs: robust, and one input returns itself), "zero" (ByzFL
             and the paper, where the inputs are momenta starting at zero) or "mean".
         method: "auto" (default), "span" or "direct"; see the module docstring.
+        backend: kernels of the median start and the direct iterations: "auto" (default; large CPU inputs
+            use the one-pass kernels of :mod:`.onepass`, built by the system C++ compiler in about 2 s on
+            first use), "compiled" (always, for any size; a build failure raises) or "eager" (blocked
+            torch ops, no compiler; about 2x slower per pass on large inputs).  diagnostics["kernel"]
+            says which ran ("one-pass", "blocked" or "gram"); "blocked" on a large CPU input with "auto"
+            means the kernels could not be built (see the logged warning).
     """
 
     name = "centered-clip"
@@ -186,6 +240,7 @@ class CenteredClip(Aggregator):
         iterations: int = 1,
         init: Literal["median", "zero", "mean"] = "median",
         method: Method = "auto",
+        backend: Backend = "auto",
     ) -> None:
         super().__init__(f, pre)
         self.tau = _positive_float(tau, "centered-clip: tau")
@@ -194,19 +249,24 @@ class CenteredClip(Aggregator):
             raise ConfigError(f"centered-clip: init must be 'median', 'zero' or 'mean', got {init!r}.")
         self.init = init
         self.method = _check_method(method, "centered-clip")
+        self.backend = check_backend(backend, "centered-clip")
         self._start: Tensor | None = None
+        # the start of the call in progress, a vector this rule owns: commit() reuses it for the state
+        self._scratch: Tensor | None = None
 
     def reset(self, start: Tensor | None = None) -> None:
         """Forget the previous output; the next call starts at ``start`` [d] if given, else at ``init``."""
         super().reset()
         self._start = None if start is None else start.detach().clone()
+        self._scratch = None
 
     @property
     def state(self) -> Tensor | None:
         """The point the next call starts from (a copy), or None before the first call."""
         return None if self._start is None else self._start.clone()
 
-    def _starting_point(self, points: Points) -> Tensor:
+    def _starting_point(self, points: Points, one_pass: bool) -> tuple[Tensor, Tensor | None]:
+        """The start, and the distances of the points to it when they came for free (else None)."""
         basis = points.basis
         if self._start is not None:
             if self._start.shape != (basis.d,):
@@ -214,19 +274,33 @@ class CenteredClip(Aggregator):
                     f"centered-clip starts from a vector of shape {tuple(self._start.shape)} but got updates "
                     f"of dimension {basis.d}; call reset() when the model changes."
                 )
-            return self._start.to(device=basis.x.device, dtype=basis.x.dtype)
+            return self._start.to(device=basis.x.device, dtype=basis.x.dtype), None
         if self.init == "zero":
-            return torch.zeros(basis.d, dtype=basis.x.dtype, device=basis.x.device)
+            return torch.zeros(basis.d, dtype=basis.x.dtype, device=basis.x.device), None
         if self.init == "mean":
-            return points.combine(torch.full((points.count,), 1.0 / points.count, dtype=torch.float64))[0]
+            mean = torch.full((points.count,), 1.0 / points.count, dtype=torch.float64)
+            return points.combine(mean)[0], None
+        if one_pass:
+            # The median and the first iteration's distances in one pass.  The comparator network gives
+            # garbage on NaN, but a row holding NaN or Inf gets a non-finite distance, so checking the
+            # distances (before the start is used) checks the inputs without a pass of its own.
+            fused = onepass.median_and_sq_distances(basis.x, strict=self.backend == "compiled")
+            if fused is not None:
+                start, sq = fused
+                basis.passes += 1
+                if not basis.finite_verified:
+                    basis.verify_rowwise(sq, self.name)
+                return start, sq.sqrt()
         # the comparator network behind the median needs finite inputs
         basis.ensure_finite(self.name)
-        return coordinatewise(points, median_statistic())
+        return coordinatewise(points, median_statistic(self.backend)), None
 
     def decide(self, points: Points) -> Decision:
         m = points.count
-        start = self._starting_point(points)
-        span = _use_span(self.method, points, self.iterations)
+        one_pass = _one_pass(points, self.backend)
+        span = _use_span(self.method, points, self.iterations, one_pass)
+        start, first = self._starting_point(points, one_pass and not span)
+        self._scratch = start
         augmented = points.with_extra(start)
         gamma = torch.zeros(m + 1, dtype=torch.float64)
         gamma[m] = 1.0
@@ -234,14 +308,12 @@ class CenteredClip(Aggregator):
             distances = _span_distances(augmented.gram(self.name), m)
         else:
             coefficients = augmented.coefficients()
-
-            def distances(g: Tensor) -> Tensor:
-                return points.sq_distances_to_combination(coefficients.T @ g, self.name).sqrt()
+            distances = _direct_distances(points, coefficients, self.name, self.backend, one_pass)
 
         dist = torch.zeros(m, dtype=torch.float64)
         clip = torch.ones(m, dtype=torch.float64)
-        for _ in range(self.iterations):
-            dist = distances(gamma).cpu()
+        for step in range(self.iterations):
+            dist = first if step == 0 and first is not None else distances(gamma).cpu()
             clip = torch.where(dist > self.tau, self.tau / dist.clamp_min(1e-300), 1.0)
             gamma = gamma * (1.0 - clip.mean())
             gamma[:m] += clip / m
@@ -253,8 +325,16 @@ class CenteredClip(Aggregator):
                 "median_distance": float(dist.median()) if m else 0.0,
                 "tau": self.tau,
                 "mode": "span" if span else "direct",
+                "kernel": _kernel_name(span, one_pass),
             },
         )
 
     def commit(self, result: AggregationResult) -> None:
-        self._start = result.vector.detach().clone()
+        vector = result.vector.detach()
+        buffer, self._scratch = self._scratch, None
+        if buffer is not None and buffer.shape == vector.shape and buffer.dtype == vector.dtype:
+            # Copy into the start of this call (a vector this rule allocated, no longer needed): a fresh
+            # d-sized tensor per call costs page faults on first touch, about 0.2x the time of the mean.
+            self._start = buffer.copy_(vector)
+        else:
+            self._start = vector.clone()

@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dist_llm_train.aggregation.blocks import column_blocks
 from dist_llm_train.aggregation.coordinatewise import COMPILE_MIN_NUMEL
-from dist_llm_train.aggregation.geometry import column_blocks
 
 __all__ = [
     "Backend",
