@@ -7,6 +7,7 @@ Every :class:`~dist_llm_train.errors.UserError` becomes one ``error: ...`` line 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -441,6 +442,108 @@ def simulate(
     console.print(summary_table(report))
     if json_path is not None:
         console.print(f"report written to {report.to_json(json_path)}")
+
+
+@cli.command()
+@click.option(
+    "--preset",
+    "preset_name",
+    required=True,
+    help="gpt2-wikitext, bert-mlm, multi-region, byzantine, shakespeare.",
+)
+@click.option(
+    "--scale",
+    type=click.Choice(["small", "full"]),
+    default="small",
+    show_default=True,
+    help="small: minutes on 2 CPU cores; full: sized for a GPU.",
+)
+@click.option("--out", "out_dir", default=None, help="Output directory (default runs/validate/PRESET-SCALE).")
+@click.option("--seed", type=int, default=1337, show_default=True, help="Seed of every arm.")
+@click.option(
+    "--data-dir",
+    default=None,
+    help="Directory with local corpora (wikitext-2/, tinyshakespeare/); default: download once.",
+)
+@click.option("--cache-dir", default=None, help="Tokenizer and token-array cache (default data.cache_dir).")
+@click.option(
+    "--arms", default=None, help="Comma-separated subset of arms to run (e.g. mean/none,krum/zero)."
+)
+@set_option
+@click.option(
+    "--reproduce",
+    "previous",
+    default=None,
+    help="An earlier results.json: fail unless this run reproduces it within --tolerance.",
+)
+@click.option(
+    "--tolerance", type=float, default=None, help="Relative tolerance for --reproduce (default 1e-6)."
+)
+@click.option("--no-plots", is_flag=True, help="Skip the matplotlib plots.")
+@click.option(
+    "--jobs",
+    "-j",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Arms run at once in separate processes (same numbers; 2 on a 2-core machine).",
+)
+def validate(
+    preset_name: str,
+    scale: str,
+    out_dir: str | None,
+    seed: int,
+    data_dir: str | None,
+    cache_dir: str | None,
+    arms: str | None,
+    overrides: tuple[str, ...],
+    previous: str | None,
+    tolerance: float | None,
+    no_plots: bool,
+    jobs: int,
+) -> None:
+    """Train a preset's baseline and distributed configurations and report them against its criteria."""
+    from dist_llm_train.validation import DEFAULT_REL_TOLERANCE, compare_results, load_results, run_validation
+    from dist_llm_train.validation.report import summary_rows
+
+    earlier = load_results(previous) if previous is not None else None
+    only = [a.strip() for a in arms.split(",") if a.strip()] if arms else None
+    out = out_dir or f"runs/validate/{preset_name}-{scale}"
+    result = run_validation(
+        preset_name,
+        scale=scale,  # type: ignore[arg-type]
+        out_dir=out,
+        seed=seed,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+        only=only,
+        extra_overrides=overrides,
+        plots=not no_plots,
+        console=err_console,
+        jobs=jobs,
+    )
+    rows = summary_rows(result.arms)
+    keep = [0, 2, 3, 4, 7, 8, 9, 10]  # the configuration column is in report.md; the terminal is narrow
+    table = Table(title=f"{result.preset} ({result.scale})")
+    for i in keep:
+        table.add_column(rows[0][i], no_wrap=i == 0)
+    for row in rows[1:]:
+        table.add_row(*(row[i] for i in keep))
+    console.print(table)
+    for c in result.criteria:
+        verdict = "[green]met[/]" if c.passed else "[red]MISSED[/]"
+        value = "-" if c.value is None else f"{c.value:.4g}"
+        console.print(f"{verdict}  {c.name}: {value} (target {c.comparison} {c.threshold:g})  {c.detail}")
+    console.print(f"report: {Path(out) / 'report.md'}, results: {Path(out) / 'results.json'}")
+    if earlier is not None:
+        diffs = compare_results(result.to_dict(), earlier, rel_tol=tolerance or DEFAULT_REL_TOLERANCE)
+        if diffs:
+            for line in diffs[:20]:
+                console.print(f"[red]differs[/] {line}")
+            raise SystemExit(1)
+        console.print(
+            f"reproduced {previous} within a relative tolerance of {tolerance or DEFAULT_REL_TOLERANCE:g}"
+        )
 
 
 @cli.group()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from dist_llm_train.compression import (
     sampled_topk_indices,
 )
 from dist_llm_train.compression.topk import count_bounds
+from dist_llm_train.errors import ConfigError
 
 
 def _kept_dominates_dropped(x: torch.Tensor, idx: torch.Tensor) -> bool:
@@ -136,3 +139,75 @@ def test_cpu_threshold_pass_matches_torch_across_chunk_boundaries() -> None:
     for thr in (0.0, 2.0, 9.0, 11.0):
         t = torch.tensor(thr)
         assert torch.equal(_at_or_above(x, t), torch.nonzero(x.abs() >= t).view(-1))
+
+
+# ---------------------------------------------------------------------------------- layerwise, warm-up
+def test_layerwise_keeps_the_ratio_of_every_segment_even_when_one_dominates() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1000, generator=g)
+    x[:100] *= 1e-3  # a small-gradient tensor that a global top-k would starve
+    global_codec = build_codec("topk", ratio=0.1)
+    layerwise = build_codec("topk", ratio=0.1, layerwise=True, segments=[100, 900])
+    assert int((global_codec.decode(global_codec.encode(x))[:100] != 0).sum()) == 0
+    kept = layerwise.decode(layerwise.encode(x))
+    assert int((kept[:100] != 0).sum()) == 10 and int((kept[100:] != 0).sum()) == 90
+    # Within each segment it is the exact top-k of that segment, and the payload is the usual format.
+    for lo, hi, k in ((0, 100, 10), (100, 1000, 90)):
+        expected = set((torch.topk(x[lo:hi].abs(), k).indices + lo).tolist())
+        assert set(torch.nonzero(kept[lo:hi]).flatten().add(lo).tolist()) == expected
+    encoded = layerwise.encode(x)
+    assert encoded.nbytes == sum(len(bytes(f)) for f in encoded.to_frames())
+
+
+def test_layerwise_rejects_segments_that_do_not_cover_the_update() -> None:
+    codec = build_codec("topk", ratio=0.1, layerwise=True, segments=[10, 20])
+    with pytest.raises(ConfigError, match="segments cover 30 entries but the update has 31"):
+        codec.encode(torch.randn(31))
+    with pytest.raises(ConfigError, match="layerwise needs 'segments'"):
+        build_codec("topk", ratio=0.1, layerwise=True)
+    with pytest.raises(ConfigError, match="layerwise needs 'ratio'"):
+        build_codec("topk", k=3, layerwise=True, segments=[10])
+
+
+def test_warmup_shrinks_the_kept_share_geometrically_to_the_ratio() -> None:
+    codec = build_codec("topk", ratio=0.01, warmup_steps=100, warmup_ratio=0.25)
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    kept = {}
+    for step in (0, 50, 100, 500):
+        codec.set_step(step)
+        kept[step] = int(codec.encode(x).params["k"])
+    assert kept == {0: 2500, 50: 500, 100: 100, 500: 100}  # 0.25 * (0.01 / 0.25) ** 0.5 = 0.05
+    with pytest.raises(ConfigError, match="warmup_steps needs 'ratio'"):
+        build_codec("topk", k=5, warmup_steps=10)
+
+
+def test_worker_engine_passes_segments_and_the_server_version(tmp_path: Path) -> None:
+    from dist_llm_train.config import load_config
+    from dist_llm_train.coordination import WorkerEngine, WorkItem
+    from dist_llm_train.data import prepare_data
+    from dist_llm_train.models import build_model
+
+    cfg = load_config(
+        None,
+        [
+            "model.preset=custom",
+            "model.n_layer=1",
+            "model.n_head=1",
+            "model.n_embd=16",
+            "model.block_size=8",
+            "data.max_bytes=20000",
+            f"data.cache_dir={tmp_path}",
+            "training.batch_size=2",
+            "compression.codec=topk",
+            "compression.params={ratio: 0.05, layerwise: true, warmup_steps: 10}",
+        ],
+    )
+    data = prepare_data(cfg.data, block_size=8)
+    model = build_model(cfg.model, data.tokenizer.vocab_size)
+    engine = WorkerEngine(model, data.train, cfg)
+    inner = engine.codec.codec
+    assert inner.segments == [p.numel() for p in model.parameters()]
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    early = engine.encode(engine.compute(params, 0, WorkItem(0, len(data.train), 1, 7)).vector)
+    late = engine.encode(engine.compute(params, 10, WorkItem(0, len(data.train), 1, 7)).vector)
+    assert int(early.params["k"]) > 4 * int(late.params["k"])

@@ -62,6 +62,10 @@ class Codec(ABC):
     def validate_payload(cls, encoded: Encoded) -> None:
         """Check codec params and buffer layout of a received payload; raise MalformedPayloadError if wrong."""
 
+    def set_step(self, step: int) -> None:  # noqa: B027 - a deliberate no-op for codecs without schedules
+        """The server version the next update was computed at; codecs with a schedule (top-k's sparsity
+        warm-up) follow it, the others ignore it."""
+
     @property
     @abstractmethod
     def params(self) -> dict[str, Any]:

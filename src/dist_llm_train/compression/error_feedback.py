@@ -57,6 +57,9 @@ class ErrorFeedback:
     def decode(self, encoded: Encoded, *, device: torch.device | str | None = None) -> Tensor:
         return self.codec.decode(encoded, device=device)
 
+    def set_step(self, step: int) -> None:
+        self.codec.set_step(step)
+
     def reset(self) -> None:
         """Drop the residual (next step starts from e = 0)."""
         self._residual = None

@@ -15,6 +15,7 @@ dropped 99 % never reaches the server and training stalls.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -166,6 +167,16 @@ class TopKCodec(Codec):
         Values per int8 scale when ``values="int8"`` (see the ``int8`` codec); ignored otherwise.
     seed:
         Seeds the random start of the sampling stride (one generator per device per codec instance).
+    layerwise, segments:
+        ``layerwise=True`` keeps ``ratio`` of every segment (one segment per parameter tensor, as DGC does)
+        instead of ``ratio`` of the whole vector; ``segments`` are the segment lengths in order (the worker
+        engine passes the model's parameter sizes). Use it when one tensor's large gradients (often the
+        embeddings) crowd the others out of a global top-k and some layers barely train. Same wire format.
+    warmup_steps, warmup_ratio:
+        DGC's sparsity warm-up: for the first ``warmup_steps`` server versions keep a share that falls
+        geometrically from ``warmup_ratio`` to ``ratio`` (the worker engine reports the version through
+        :meth:`set_step`). Use it when loss stalls for the first hundred steps with top-k but not without:
+        early gradients change fast, and error feedback delays the small coordinates too long then.
     """
 
     name = "topk"
@@ -180,6 +191,10 @@ class TopKCodec(Codec):
         values: str = "fp32",
         chunk_size: int = 4096,
         seed: int = 0,
+        layerwise: bool = False,
+        segments: Sequence[int] | None = None,
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.25,
     ) -> None:
         if ratio is not None and k is not None:
             raise ConfigError(
@@ -197,6 +212,26 @@ class TopKCodec(Codec):
         self.chunk_size = param_int(self.name, "chunk_size", chunk_size, 1, 2**31 - 1)
         self.seed = param_seed(self.name, seed)
         self._gens = GeneratorPool(self.seed)
+        if not isinstance(layerwise, bool):
+            raise ConfigError(f"codec 'topk': layerwise must be true or false, got {layerwise!r}")
+        self.layerwise = layerwise
+        self.warmup_steps = param_int(self.name, "warmup_steps", warmup_steps, 0, 2**31 - 1)
+        self.warmup_ratio = param_float(self.name, "warmup_ratio", warmup_ratio, 0.0, 1.0, lo_open=True)
+        if self.warmup_steps and self.k is not None:
+            raise ConfigError("codec 'topk': warmup_steps needs 'ratio' (it raises the share early), not 'k'")
+        self._step = 0
+        self.segments: list[int] | None = None
+        if layerwise:
+            if self.k is not None:
+                raise ConfigError(
+                    "codec 'topk': layerwise needs 'ratio' (a share of every tensor), not a fixed 'k'"
+                )
+            if segments is None or len(segments) == 0:
+                raise ConfigError(
+                    "codec 'topk': layerwise needs 'segments', the parameter tensor sizes in order "
+                    "(the worker engine passes them; set them yourself when using the codec directly)"
+                )
+            self.segments = [param_int(self.name, "segments[]", n, 1, MAX_NUMEL) for n in segments]
 
     @property
     def params(self) -> dict[str, Any]:
@@ -208,17 +243,51 @@ class TopKCodec(Codec):
             "values": self.values,
             "chunk_size": self.chunk_size,
             "seed": self.seed,
+            **({"layerwise": True, "segments": list(self.segments or [])} if self.layerwise else {}),
+            **(
+                {"warmup_steps": self.warmup_steps, "warmup_ratio": self.warmup_ratio}
+                if self.warmup_steps
+                else {}
+            ),
         }
+
+    def set_step(self, step: int) -> None:
+        self._step = max(0, int(step))
+
+    @property
+    def current_ratio(self) -> float | None:
+        """The share kept at the current step (``None`` with a fixed ``k``)."""
+        if self.ratio is None:
+            return None
+        if self._step >= self.warmup_steps or self.warmup_ratio <= self.ratio:
+            return self.ratio
+        progress = self._step / self.warmup_steps
+        return self.warmup_ratio * (self.ratio / self.warmup_ratio) ** progress
 
     def target_k(self, numel: int) -> int:
         """The k this codec aims at for a vector of ``numel`` entries (never more than ``numel``)."""
         if self.k is not None:
             return min(self.k, numel)
-        assert self.ratio is not None
-        return min(numel, max(1, round(self.ratio * numel))) if numel else 0
+        ratio = self.current_ratio
+        assert ratio is not None
+        return min(numel, max(1, round(ratio * numel))) if numel else 0
 
     def select(self, flat: Tensor) -> Tensor:
         """Sorted indices this codec would keep for a flat float32 tensor."""
+        if self.segments is None:
+            return self._select_one(flat)
+        if sum(self.segments) != flat.numel():
+            raise ConfigError(
+                f"codec 'topk': layerwise segments cover {sum(self.segments)} entries but the update has "
+                f"{flat.numel()}; the segments must be this model's parameter sizes"
+            )
+        parts, offset = [], 0
+        for length in self.segments:
+            parts.append(self._select_one(flat[offset : offset + length]) + offset)
+            offset += length
+        return torch.cat(parts)  # each part is sorted and the parts are in order: sorted overall
+
+    def _select_one(self, flat: Tensor) -> Tensor:
         k = self.target_k(flat.numel())
         if self.selection == "exact":
             return exact_topk_indices(flat, k)

@@ -75,6 +75,7 @@ class WorkerEngine:
         self.local_sgd = cfg.sync.mode == "local-sgd"
         self._momentum: torch.Tensor | None = None
         self._inner: torch.optim.Optimizer | None = None
+        self._base_version = 0
         self.codec: Codec | ErrorFeedback = self._build_codec(model)
 
     def _build_codec(self, model: LanguageModel) -> Codec | ErrorFeedback:
@@ -82,6 +83,8 @@ class WorkerEngine:
         params = dict(comp.params)
         if comp.codec == "powersgd" and "shapes" not in params:
             params["shapes"] = [list(p.shape) for p in model.parameters()]
+        if comp.codec == "topk" and params.get("layerwise") and "segments" not in params:
+            params["segments"] = [p.numel() for p in model.parameters()]
         codec = build_codec(comp.codec, **params)
         return ErrorFeedback(codec) if comp.error_feedback and comp.codec != "none" else codec
 
@@ -142,6 +145,7 @@ class WorkerEngine:
     def compute(self, params: torch.Tensor, base_version: int, item: WorkItem) -> ComputedUpdate:
         """The honest update for ``item`` starting from ``params`` (before compression)."""
         load_flat_params(self.model, params)
+        self._base_version = base_version
         self.model.train()
         vector, loss = self._local_steps(item) if self.local_sgd else self._gradient(item)
         beta = self.cfg.sync.worker_momentum
@@ -160,5 +164,7 @@ class WorkerEngine:
         )
 
     def encode(self, vector: torch.Tensor) -> Encoded:
-        """Compress for the wire (with this worker's error-feedback residual)."""
+        """Compress for the wire (with this worker's error-feedback residual). Codec schedules (top-k
+        warm-up) follow the server version of the last :meth:`compute`."""
+        self.codec.set_step(self._base_version)
         return self.codec.encode(vector)

@@ -25,12 +25,20 @@ __all__ = [
 
 @dataclass
 class EvalPoint:
-    """One validation measurement: after ``step`` server steps, at ``virtual_s``, ``tokens`` accepted."""
+    """One validation measurement: after ``step`` server steps, at ``virtual_s``, ``tokens`` accepted.
+
+    ``bytes_up``/``bytes_down``: payload bytes all workers had sent/received by then (retransmissions
+    included), so loss can be plotted against traffic. ``mlm_accuracy``: masked-token accuracy for MLM
+    models, else ``None``.
+    """
 
     step: int
     virtual_s: float
     tokens: int
     loss: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+    mlm_accuracy: float | None = None
 
 
 @dataclass

@@ -748,7 +748,17 @@ class Simulation:
         version = self.server.version
         now = self.clock.now()
         self._last_eval_version = version
-        self._history.append(EvalPoint(version, now, self.coordinator.stats.tokens, result.loss))
+        self._history.append(
+            EvalPoint(
+                version,
+                now,
+                self.coordinator.stats.tokens,
+                result.loss,
+                bytes_up=sum(w.report.bytes_up for w in self.workers),
+                bytes_down=sum(w.report.bytes_down for w in self.workers),
+                mlm_accuracy=result.mlm_accuracy,
+            )
+        )
         if self.progress is not None:
             self.progress(SimProgress(version, self.max_steps, now, result.loss))
         if self.target_loss is not None and self._time_to_target is None and result.loss <= self.target_loss:
