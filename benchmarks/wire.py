@@ -9,10 +9,13 @@ Both sides run in the same invocation, alternating rounds, so machine load hits 
   with protocol validation (:func:`router_recv`), payload validation (:func:`decode_payload`), the
   controller's decode (:func:`update_vector`), admission checks (shape, finiteness by one reduction), a
   cheap submit (the update is kept in a bounded buffer, as the coordinator keeps updates until its next
-  step) and a PUSH_ACK back to the sender. ``--curve`` adds a third row with CurveZMQ encryption.
+  step) and a PUSH_ACK back to the sender. ``--curve`` adds the same two paths with CurveZMQ encryption
+  (*raw+curve*: PUSH/PULL of the raw bytes over an encrypted connection, the ceiling of an encrypted link),
+  which separates the cost of encryption (raw+curve vs raw) from the controller's own work on an encrypted
+  link (controller+curve vs raw+curve).
 
 Rates are updates per second between the first and the last update received (the first ``--warmup``
-updates excluded); the target is controller >= 70% of raw.
+updates excluded); the target is controller >= 70% of raw (both plaintext).
 
     python benchmarks/wire.py --numel 1000000 --messages 300 --rounds 3 --json runs/bench/wire.json
 """
@@ -47,9 +50,13 @@ from dist_llm_train.runtime.security import (
 from dist_llm_train.runtime.transport import make_dealer, make_router, router_recv, router_send
 
 
-def _raw_sender(endpoint: str, numel: int, messages: int) -> None:
+def _raw_sender(endpoint: str, numel: int, messages: int, keys: str | None = None) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
+    if keys is not None:
+        CurveClient(
+            load_keypair(Path(keys) / "worker.key_secret"), load_public_key(Path(keys) / "controller.key")
+        ).apply(sock)
     sock.setsockopt(zmq.LINGER, -1)
     sock.connect(endpoint)
     buf = memoryview(torch.randn(numel).numpy()).cast("B")
@@ -90,12 +97,19 @@ def _rate(times: list[float], warmup: int) -> float:
     return (len(kept) - 1) / (kept[-1] - kept[0])
 
 
-def run_raw(numel: int, messages: int, warmup: int) -> float:
+def run_raw(numel: int, messages: int, warmup: int, keys: Path | None = None) -> float:
     ctx = zmq.Context()
+    server = None
+    if keys is not None:
+        # The same CurveServer (keys + ZAP allow-list) as the controller path: only the protocol work differs.
+        server = CurveServer(ctx, load_keypair(keys / "controller.key_secret"), keys / "allow").start()
     sock = ctx.socket(zmq.PULL)
+    if server is not None:
+        server.apply(sock)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     sender = mp.get_context("spawn").Process(
-        target=_raw_sender, args=(f"tcp://127.0.0.1:{port}", numel, messages)
+        target=_raw_sender,
+        args=(f"tcp://127.0.0.1:{port}", numel, messages, None if keys is None else str(keys)),
     )
     sender.start()
     times = []
@@ -105,6 +119,8 @@ def run_raw(numel: int, messages: int, warmup: int) -> float:
         times.append(time.perf_counter())
     sender.join()
     sock.close()
+    if server is not None:
+        server.stop()
     ctx.term()
     return _rate(times, warmup)
 
@@ -170,11 +186,12 @@ def main() -> None:
         public, _ = generate_keys(keys_dir, "worker")
         (keys_dir / "allow").mkdir()
         (keys_dir / "allow" / "worker.key").write_bytes(public.read_bytes())
-    results: dict[str, list[float]] = {"raw": [], "controller": [], "controller+curve": []}
+    results: dict[str, list[float]] = {"raw": [], "controller": [], "raw+curve": [], "controller+curve": []}
     for _ in range(args.rounds):
         results["raw"].append(run_raw(args.numel, args.messages, args.warmup))
         results["controller"].append(run_controller(args.numel, args.messages, args.warmup, None))
         if args.curve:
+            results["raw+curve"].append(run_raw(args.numel, args.messages, args.warmup, keys_dir))
             results["controller+curve"].append(
                 run_controller(args.numel, args.messages, args.warmup, keys_dir)
             )
@@ -197,6 +214,13 @@ def main() -> None:
         )
     Console().print(table)
     print(f"controller / raw = {ratio:.2f} (target >= 0.70): {'met' if ratio >= 0.7 else 'MISSED'}")
+    curve_ratio = None
+    if args.curve:
+        curve_ratio = medians["controller+curve"] / medians["raw+curve"]
+        print(
+            f"with CurveZMQ: raw+curve / raw = {medians['raw+curve'] / medians['raw']:.2f} (cost of "
+            f"encryption), controller+curve / raw+curve = {curve_ratio:.2f} (the controller's share)"
+        )
     if args.json:
         out = {
             "numel": args.numel,
@@ -205,6 +229,7 @@ def main() -> None:
             "results": results,
             "medians": medians,
             "ratio": ratio,
+            "ratio_curve_vs_raw_curve": curve_ratio,
             "target": 0.7,
             "met": ratio >= 0.7,
             "machine": {

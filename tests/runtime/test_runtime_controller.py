@@ -411,6 +411,18 @@ def test_finish_also_shuts_down_a_worker_evicted_as_silent(cache: Path, data: Pr
     assert out[0].message.reason == "signal-sigterm"
 
 
+def test_after_finish_every_message_is_answered_with_shutdown(cache: Path, data: PreparedData) -> None:
+    # A broadcast SHUTDOWN can be lost; the controller keeps answering for a while, and a worker's next
+    # heartbeat (or push, or registration) brings it SHUTDOWN instead of an ordinary reply.
+    h = Harness(_config(cache), data)
+    h.register("a")
+    h.core.finish("signal-sigterm")
+    for message in (Heartbeat(lease_ids=[]), TaskRequest(), Register(name="a", device="cpu", capacity=1)):
+        reply = h.one("a", message)
+        assert isinstance(reply, Shutdown) and reply.ref == message.id and reply.reason == "signal-sigterm"
+    assert h.send("a", Leave(reason="bye")) == []
+
+
 def test_register_again_releases_the_old_leases(cache: Path, data: PreparedData) -> None:
     h = Harness(_config(cache), data)
     h.register("w")

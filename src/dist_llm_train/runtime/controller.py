@@ -327,6 +327,7 @@ class ControllerCore:
         self.train_loss_count = 0
         self.last_train_loss: float | None = None
         self.finished = False
+        self.finish_reason = "finished"
         self._logged_errors: Counter[str] = Counter()
         self._waiters: OrderedDict[str, _Waiter] = OrderedDict()
         # Workers that may still be running though they are not registered (evicted as silent, or heard
@@ -436,6 +437,12 @@ class ControllerCore:
         msg = inbound.message
         self.received(inbound.worker_id, inbound.nbytes)
         try:
+            if self.finished:
+                # Every message after the end gets SHUTDOWN: a worker that missed the first one (its
+                # connection was being re-established) hears it at its next heartbeat.
+                if isinstance(msg, Leave):
+                    return []
+                return [self._to(inbound, Shutdown(ref=msg.id, reason=self.finish_reason))]
             if isinstance(msg, Register):
                 return self._on_register(inbound, msg)
             record = self.workers.get(inbound.worker_id)
@@ -865,6 +872,7 @@ class ControllerCore:
     def finish(self, reason: str) -> list[Outgoing]:
         """Stop handing out work: SHUTDOWN to every registered worker (and every parked request)."""
         self.finished = True
+        self.finish_reason = reason
         out = []
         for record in self.workers.values():
             waiter = self._waiters.get(record.worker_id)
@@ -1167,6 +1175,7 @@ class Controller:
             final_eval = evaluator.run_now(core.server.params)
             metrics.write("eval", step=core.version, **final_eval.as_dict())
             self._checkpoint(core, model, base_state, metrics)
+            told = set(core.workers) | set(core._unregistered_contacts)
             for out in core.finish(reason):
                 self._send(sock, core, out)
             summary = self._summary(core, reason, final_eval)
@@ -1177,6 +1186,7 @@ class Controller:
             log.info(
                 "finished (%s) at version %d, validation loss %.4f", reason, core.version, final_eval.loss
             )
+            self._drain(sock, core, told)
             return 0
         finally:
             for sig, handler in previous_handlers.items():
@@ -1194,6 +1204,29 @@ class Controller:
             metrics.close()
             context.term()
 
+    def _drain(self, sock: zmq.Socket, core: ControllerCore, workers: set[str]) -> None:
+        """After the SHUTDOWN broadcast, keep answering for a few heartbeat intervals: each message gets
+        SHUTDOWN back (see :meth:`ControllerCore.handle`). A broadcast SHUTDOWN can be lost (CI saw it under
+        load), and a worker that never hears one keeps re-registering with a controller that is gone. Lasts
+        three heartbeat intervals (at least 2 s, at most 10 s); logs the workers not heard from."""
+        pending = set(workers)
+        window = min(10.0, max(2.0, 3.0 * self.cfg.scheduling.heartbeat_interval_s + 0.5))
+        deadline = self.clock.now() + window
+        while self.clock.now() < deadline:
+            try:
+                inbound = router_recv(sock, core.limits, timeout_s=0.05)
+            except ProtocolError:
+                continue
+            if inbound is None:
+                continue
+            for out in core.handle(inbound):
+                self._send(sock, core, out)
+            pending.discard(inbound.worker_id)
+        if pending:
+            log.info(
+                "%d worker(s) did not answer after SHUTDOWN: %s", len(pending), ", ".join(sorted(pending))
+            )
+
     def _send(self, sock: zmq.Socket, core: ControllerCore, out: Outgoing) -> None:
         try:
             sent = router_send(sock, out.routing_id, out.message, out.payload, limits=core.limits)
@@ -1202,6 +1235,8 @@ class Controller:
             return
         if sent is not None:
             core.sent(out.worker_id, sent)
+        elif isinstance(out.message, Shutdown):
+            log.warning("SHUTDOWN for %s not delivered (connection gone or its queue full)", out.worker_id)
 
     def _loop(
         self,

@@ -236,13 +236,15 @@ class _Link(threading.Thread):
                     next_beat = now + interval
                 wait_s = 0.5 if interval is None else max(0.0, next_beat - time.monotonic())
                 events = dict(poller.poll(max(1, round(wait_s * 1000))))
+                # Incoming first: a SHUTDOWN that arrived must reach the main thread before the "lost"
+                # notice of a send that fails because that same controller has just closed.
+                if dealer in events:
+                    pipe.send_multipart(dealer.recv_multipart(copy=False), copy=False)
                 if pipe in events:
                     frames = pipe.recv_multipart(copy=False)
                     if len(frames) == 1 and frames[0].bytes == _STOP:
                         return
                     self._send(dealer, pipe, frames, control=False)
-                if dealer in events:
-                    pipe.send_multipart(dealer.recv_multipart(copy=False), copy=False)
         finally:
             # A moment for a final LEAVE to leave; never block on a controller that is gone.
             dealer.close(linger=300)
@@ -256,9 +258,12 @@ class _Link(threading.Thread):
             dealer.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             # No connected controller (the socket does not queue for one that is not there): tell the
-            # main thread at once instead of letting it wait for a reply that cannot come.
+            # main thread at once instead of letting it wait for a reply that cannot come. Forward what
+            # the controller sent before it went (its SHUTDOWN) first.
             self.dropped += 1
             if not control:
+                while dealer.poll(0, zmq.POLLIN):
+                    pipe.send_multipart(dealer.recv_multipart(copy=False), copy=False)
                 pipe.send(_LOST)
             return
         self.sent_bytes += nbytes
