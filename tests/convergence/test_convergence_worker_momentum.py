@@ -1,13 +1,13 @@
-"""Worker momentum must weight every gradient alike (a finding of the convergence work; it fails today).
+"""Worker momentum must weight every gradient alike (a regression test of a convergence finding).
 
-``WorkerEngine`` documents worker momentum as ``m <- beta m + (1 - beta) g`` but starts ``m`` at the first
-gradient instead of at zero. Summed over the rounds that follow, the first gradient then carries weight
-``1/(1 - beta)`` (10 at beta = 0.9) while every later gradient carries at most 1: the first round's
-direction is applied ten times over. On the convergence model this cost 0.61 nats after 80 synchronous
+``WorkerEngine`` documents worker momentum as ``m <- beta m + (1 - beta) g``. It used to start ``m`` at the
+first gradient instead of at zero; summed over the rounds that follow, the first gradient then carried
+weight ``1/(1 - beta)`` (10 at beta = 0.9) while every later gradient carried at most 1: the first round's
+direction was applied ten times over. On the convergence model this cost 0.61 nats after 80 synchronous
 steps (SGD lr 1.0 with worker momentum 0.9: 3.316; the same with m started at zero: 2.708, identical to
-server-side heavy-ball momentum with lr 0.1), which is why the attack tests could not use CenteredClip with
-worker momentum 0.9, the defence Karimireddy et al. (2021) recommend. PyTorch's SGD starts its buffer at
-the first gradient too, but without the (1 - beta) factor, so there every gradient weighs 1/(1 - beta).
+server-side heavy-ball momentum with lr 0.1), and it kept worker momentum out of the Byzantine defence of
+``test_convergence_attacks.py``, which now uses it. PyTorch's SGD starts its buffer at the first gradient
+too, but without the (1 - beta) factor, so there every gradient weighs 1/(1 - beta).
 """
 
 from __future__ import annotations
