@@ -534,6 +534,8 @@ def validate(
         verdict = "[green]met[/]" if c.passed else "[red]MISSED[/]"
         value = "-" if c.value is None else f"{c.value:.4g}"
         console.print(f"{verdict}  {c.name}: {value} (target {c.comparison} {c.threshold:g})  {c.detail}")
+    for name, error in result.failed.items():
+        console.print(f"[red]FAILED[/] arm {name}: {error}")
     console.print(f"report: {Path(out) / 'report.md'}, results: {Path(out) / 'results.json'}")
     if earlier is not None:
         diffs = compare_results(result.to_dict(), earlier, rel_tol=tolerance or DEFAULT_REL_TOLERANCE)
@@ -544,6 +546,8 @@ def validate(
         console.print(
             f"reproduced {previous} within a relative tolerance of {tolerance or DEFAULT_REL_TOLERANCE:g}"
         )
+    if result.failed:
+        raise SystemExit(1)
 
 
 @cli.group()

@@ -182,6 +182,9 @@ def render_markdown(result: Any) -> str:
                 "",
             ]
     out += ["## Every run", "", _table(summary_rows(arms)), ""]
+    failed = getattr(result, "failed", {}) or {}
+    if failed:
+        out += ["## Arms that failed", ""] + [f"- `{name}`: {error}" for name, error in failed.items()] + [""]
     traffic = [(name, a) for name, a in arms.items() if a.get("bytes_per_worker_hour") is not None]
     if result.preset == "multi-region" and traffic:
         rows = [["arm", "MiB per worker per virtual hour", "extrapolated to GPT-2 124M (GiB/h)"]]

@@ -19,6 +19,7 @@ Symptoms and settings: a preset too slow for a CI box → ``--scale small`` (min
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -35,7 +36,7 @@ import torch
 
 from dist_llm_train.config import RunConfig, load_config
 from dist_llm_train.data import PreparedData, prepare_data
-from dist_llm_train.errors import ConfigError, DataError
+from dist_llm_train.errors import ConfigError, DataError, UserError
 from dist_llm_train.models import resolve_model_shapes
 from dist_llm_train.simulation import (
     SimProgress,
@@ -65,6 +66,8 @@ __all__ = [
     "run_validation",
 ]
 
+log = logging.getLogger("dist_llm_train.validation")
+
 DEFAULT_REL_TOLERANCE = 1e-6
 """Re-running a preset with the same seed on the same machine and torch build reproduces every loss and byte
 count exactly (the simulator is deterministic); the tolerance only absorbs float formatting. Across CPUs or
@@ -81,6 +84,7 @@ class ValidationResult:
     description: str
     notes: list[str]
     arms: dict[str, dict[str, Any]]
+    failed: dict[str, str]
     criteria: list[Criterion]
     machine: dict[str, Any]
     command: str
@@ -90,8 +94,8 @@ class ValidationResult:
 
     @property
     def passed(self) -> bool:
-        """Every criterion holds (a preset without criteria passes when it ran)."""
-        return all(c.passed for c in self.criteria)
+        """Every criterion holds and no arm failed."""
+        return not self.failed and all(c.passed for c in self.criteria)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -217,6 +221,11 @@ def _run_arm(
     return arm_metrics(arm, report, time.perf_counter() - started)
 
 
+def _failure(arm: Arm, exc: BaseException) -> str:
+    log.warning("arm %s failed: %s: %s", arm.name, type(exc).__name__, exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _select(arms: list[Arm], only: Sequence[str] | None, preset: ValidationPreset) -> list[Arm]:
     if not only:
         return arms
@@ -272,6 +281,9 @@ def run_validation(
     started = time.perf_counter()
     datasets: dict[tuple[str, int], PreparedData] = {}
     results: dict[str, dict[str, Any]] = {}
+    # One arm that cannot run (e.g. an attack whose search needs more inputs than the rule gets) must not
+    # throw away the others: it is reported as failed, with its error, and the rest of the table stands.
+    failed: dict[str, str] = {}
     configs = [
         build_arm_config(
             preset,
@@ -314,7 +326,12 @@ def run_validation(
                     loss = "" if p.val_loss is None else f"val {p.val_loss:.3f}"
                     bar.update(task, completed=p.step, status=loss)
 
-                metrics = _run_arm(arm, cfg, spec, datasets, on_progress)
+                try:
+                    metrics = _run_arm(arm, cfg, spec, datasets, on_progress)
+                except (UserError, ArithmeticError, RuntimeError) as exc:
+                    failed[arm.name] = _failure(arm, exc)
+                    bar.update(overall, advance=1, status=f"{arm.name}: FAILED")
+                    continue
                 bar.update(
                     steps, completed=cfg.training.max_steps, status=f"final {metrics['final_val_loss']:.3f}"
                 )
@@ -333,13 +350,20 @@ def run_validation(
                 done: dict[str, dict[str, Any]] = {}
                 for future in as_completed(futures):
                     arm = futures[future]
-                    done[arm.name] = future.result()
+                    try:
+                        done[arm.name] = future.result()
+                    except (UserError, ArithmeticError, RuntimeError) as exc:
+                        failed[arm.name] = _failure(arm, exc)
+                        bar.update(overall, advance=1, status=f"{arm.name}: FAILED")
+                        continue
                     bar.update(
                         overall, advance=1, status=f"{arm.name}: final {done[arm.name]['final_val_loss']:.3f}"
                     )
                     if on_arm is not None:
                         on_arm(arm, done[arm.name])
-            results.update({arm.name: done[arm.name] for arm in arms})  # preset order, not finishing order
+            results.update(
+                {arm.name: done[arm.name] for arm in arms if arm.name in done}
+            )  # preset order, not finishing order
 
     result = ValidationResult(
         preset=preset.name,
@@ -348,6 +372,7 @@ def run_validation(
         description=preset.description,
         notes=list(preset.notes),
         arms=results,
+        failed=failed,
         criteria=preset.criteria(results),
         machine=_machine(),
         command=" ".join(["dist-llm-train", *sys.argv[1:]]) if sys.argv[0].endswith("dist-llm-train") else "",
