@@ -359,6 +359,23 @@ BERT_MLM = ValidationPreset(
 )
 
 
+# The small scale of the char-level presets: the convergence tests' GPT (2 layers, width 64, context 32,
+# about 105k parameters), 60 server steps.
+_CHAR_GPT_SMALL = (
+    "data.shard_tokens=8192",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "model.block_size=32",
+    "training.batch_size=16",
+    "training.max_steps=60",
+    "training.warmup_steps=5",
+    "training.lr=3e-3",
+    "training.min_lr=3e-4",
+    "training.eval_batches=8",
+)
+
+
 # ------------------------------------------------------------------------------------ multi-region
 def _regions(counts: dict[str, int]) -> dict[str, Any]:
     # The issue's four-region example with edge devices that also compute slower (phones, SBCs).
@@ -452,19 +469,7 @@ MULTI_REGION = ValidationPreset(
     ),
     scales={
         "small": Scale(
-            overrides=(
-                "data.shard_tokens=8192",
-                "model.n_layer=2",
-                "model.n_head=2",
-                "model.n_embd=64",
-                "model.block_size=32",
-                "training.batch_size=16",
-                "training.max_steps=60",
-                "training.warmup_steps=5",
-                "training.lr=3e-3",
-                "training.min_lr=3e-4",
-                "training.eval_batches=8",
-            ),
+            overrides=_CHAR_GPT_SMALL,
             eval_every=10,
             base_tokens_per_s=5_000.0,
         ),
@@ -597,19 +602,7 @@ BYZANTINE = ValidationPreset(
     ),
     scales={
         "small": Scale(
-            overrides=(
-                "data.shard_tokens=8192",
-                "model.n_layer=2",
-                "model.n_head=2",
-                "model.n_embd=64",
-                "model.block_size=32",
-                "training.batch_size=16",
-                "training.max_steps=60",
-                "training.warmup_steps=5",
-                "training.lr=3e-3",
-                "training.min_lr=3e-4",
-                "training.eval_batches=8",
-            ),
+            overrides=_CHAR_GPT_SMALL,
             eval_every=20,
         ),
         "full": Scale(
