@@ -112,6 +112,14 @@ def _lan(name: str, speeds: Sequence[float], *, jitter: float = 0.1) -> dict[str
     }
 
 
+_SYNC_BASELINE = ("sync.mode=sync", "aggregation.rule=mean", "compression.codec=none")
+"""The baseline the issue asks for: synchronous, uncompressed, undefended."""
+
+
+def _sync_baseline(topology: dict[str, Any]) -> Arm:
+    return Arm("baseline", "sync, fp32 updates, mean", "baseline", _SYNC_BASELINE, topology)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -126,13 +134,7 @@ def _gpt2_arms(scale: ScaleName) -> list[Arm]:
     del scale
     topo = _lan("lan-5", _GPT2_SPEEDS)
     return [
-        Arm(
-            "baseline",
-            "sync, fp32 updates, mean",
-            "baseline",
-            ("sync.mode=sync", "aggregation.rule=mean", "compression.codec=none"),
-            topo,
-        ),
+        _sync_baseline(topo),
         Arm(
             "distributed",
             "adaptive async + top-k 5% + NNM + Krum (f=1)",
@@ -264,13 +266,7 @@ def _bert_arms(scale: ScaleName) -> list[Arm]:
     del scale
     topo = _lan("lan-7-5x", _BERT_SPEEDS)
     return [
-        Arm(
-            "baseline",
-            "sync, fp32 updates, mean",
-            "baseline",
-            ("sync.mode=sync", "aggregation.rule=mean", "compression.codec=none"),
-            topo,
-        ),
+        _sync_baseline(topo),
         Arm(
             "distributed",
             "adaptive async + top-k 10% + Krum (f=2)",
@@ -412,7 +408,7 @@ def _multi_region_arms(scale: ScaleName) -> list[Arm]:
             "baseline",
             f"LAN, {n} workers, sync, fp32 updates, mean",
             "baseline",
-            ("sync.mode=sync", "aggregation.rule=mean", "compression.codec=none"),
+            _SYNC_BASELINE,
             _lan(f"lan-{n}", [1.0] * 12 + [0.25] * 4),
         ),
         Arm(
