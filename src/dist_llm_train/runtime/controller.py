@@ -869,6 +869,10 @@ class ControllerCore:
             return  # too few updates for the rule's bound yet: wait another period
         self._after_step(coordinator.step())
 
+    def reachable_workers(self) -> set[str]:
+        """Registered workers and those that may still run unregistered: whom SHUTDOWN must reach."""
+        return set(self.workers) | set(self._unregistered_contacts)
+
     def finish(self, reason: str) -> list[Outgoing]:
         """Stop handing out work: SHUTDOWN to every registered worker (and every parked request)."""
         self.finished = True
@@ -1175,7 +1179,7 @@ class Controller:
             final_eval = evaluator.run_now(core.server.params)
             metrics.write("eval", step=core.version, **final_eval.as_dict())
             self._checkpoint(core, model, base_state, metrics)
-            told = set(core.workers) | set(core._unregistered_contacts)
+            told = core.reachable_workers()
             for out in core.finish(reason):
                 self._send(sock, core, out)
             summary = self._summary(core, reason, final_eval)
