@@ -144,3 +144,19 @@ def test_against_the_aggregation_package(
     optimal = _deviation(rule, honest, attack(honest, None, F))
     fixed = _deviation(rule, honest, build_attack(fixed_name)(honest, None, F))
     assert optimal > fixed * 1.01
+
+
+@pytest.mark.parametrize(("rule_name", "needed"), [("median", 4), ("trimmed-mean", 4), ("bulyan", 12)])
+def test_the_attack_waits_for_enough_honest_updates_for_the_defenders_rule(
+    rule_name: str, needed: int, honest: torch.Tensor
+) -> None:
+    """The search runs the defender's rule on honest + f rows: with too few honest updates the rule's own
+    precondition (n >= 2f + 1 for the median, 4f + 3 for Bulyan) would fail inside the attack."""
+    from dist_llm_train.aggregation import build_aggregator
+    from dist_llm_train.errors import PreconditionError
+
+    attack = build_attack("optimal-ipm", aggregator=build_aggregator(rule_name, f=3), grid_points=3)
+    assert attack.required_honest(3) == needed
+    with pytest.raises(PreconditionError, match=f"needs at least {needed} honest updates"):
+        attack(honest[: needed - 1], None, 3)
+    assert attack(honest[:needed], None, 3).shape == (3, D)

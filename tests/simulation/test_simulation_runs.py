@@ -220,6 +220,20 @@ def test_byzantine_workers_send_their_attack_and_training_goes_on(
         assert byz.rejected == 0 and byz.aggregated == byz.submitted
 
 
+def test_white_box_attack_waits_until_the_defenders_rule_can_run(
+    sim_cfg: CfgFactory, sim_data: PreparedData
+) -> None:
+    """Regression: optimal-IPM's search ran the median (f=3, needs 7 rows) on the first honest update plus
+    3 forged ones and crashed the run. It now forges only once it has seen 4 honest updates."""
+    cfg = sim_cfg(
+        "cluster.workers=7", "cluster.byzantine=3", "cluster.attack=optimal-ipm", "sync.buffer_size=7",
+        "aggregation.rule=median", "aggregation.f=3", "training.max_steps=4",
+    )  # fmt: skip
+    _, report = _run(cfg, None, sim_data)
+    assert report.server_steps == 4 and math.isfinite(report.final_val_loss)
+    assert report.byzantine.attacks_deferred > 0
+
+
 def test_selection_rules_report_exclusion_precision_and_recall(
     sim_cfg: CfgFactory, sim_data: PreparedData
 ) -> None:

@@ -17,10 +17,10 @@ import pytest
 from dist_llm_train.validation import compare_results, run_validation
 from dist_llm_train.validation.presets import BYZANTINE_DEFENCE, BYZANTINE_DEFENCE_MARGIN
 
-# gpt2-wikitext small: measured perplexity ratio 1.36 (distributed 4.731 vs baseline 4.441 nats/token).
+# gpt2-wikitext small: measured perplexity ratio 1.19 (distributed 4.596 vs baseline 4.426 nats/token).
 # The criterion is <= 1.10 and is MISSED at this scale (see docs/VALIDATION.md); this bound keeps
 # the known gap from growing unnoticed.
-GPT2_PERPLEXITY_RATIO_BOUND = 1.45
+GPT2_PERPLEXITY_RATIO_BOUND = 1.25
 
 # The reduced matrix: the clean baseline, a divergent attack (scaling x1000) against the mean, the
 # recommended defence and Krum, and the defence under ALIE (the in-distribution attack built to beat it).
@@ -31,9 +31,6 @@ BYZANTINE_REDUCED = [
     f"{BYZANTINE_DEFENCE}/scaling",
     f"{BYZANTINE_DEFENCE}/alie",
 ]
-# ALIE moves every coordinate by z sigma inside the honest spread; no rule tried keeps it within the
-# 0.10 margin here (measured +0.24 for nnm + trimmed mean). This bound keeps it from getting worse.
-DEFENCE_UNDER_ALIE_BOUND = 0.35
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +97,14 @@ def test_byzantine_reduced_matrix_defence_holds_and_mean_does_not(byzantine_redu
     arms = byzantine_reduced.arms
     clean = arms["mean/none"]["final_val_loss"]
     assert arms["mean/scaling"]["final_val_loss"] > clean + 1.0  # the undefended mean is wrecked
-    defended = arms[f"{BYZANTINE_DEFENCE}/scaling"]["final_val_loss"]
-    assert defended - clean <= BYZANTINE_DEFENCE_MARGIN, (defended, clean)
-    assert arms[f"{BYZANTINE_DEFENCE}/alie"]["final_val_loss"] - clean <= DEFENCE_UNDER_ALIE_BOUND
+    # The preset's criterion: the defence ends within the margin of the clean run under every attack it
+    # faces, including ALIE, the in-distribution attack built to beat coordinate-wise rules (measured with
+    # worker momentum 0.7: +0.037 under scaling, +0.066 under ALIE).
+    for attack in ("scaling", "alie"):
+        defended = arms[f"{BYZANTINE_DEFENCE}/{attack}"]["final_val_loss"]
+        assert defended - clean <= BYZANTINE_DEFENCE_MARGIN, (attack, defended, clean)
     verdicts = {c.name: c.passed for c in byzantine_reduced.criteria}
-    assert verdicts[f"{BYZANTINE_DEFENCE} under scaling"]
+    assert verdicts == {f"{BYZANTINE_DEFENCE} under scaling": True, f"{BYZANTINE_DEFENCE} under alie": True}
     # Final, not best: the reported loss is the last evaluation's.
     for m in arms.values():
         assert m["final_val_loss"] == m["eval_history"][-1]["loss"]

@@ -48,7 +48,8 @@ class Attack(ABC):
         is_data_attack: True when the attack acts on the attacker's *training data* (label flip); its update
             path then just forwards ``own``, which the worker computed on poisoned data.
         needs_own: True when ``own`` must be given.
-        min_honest: the fewest honest updates the attack needs to compute its statistics.
+        min_honest: the fewest honest updates the attack needs to compute its statistics
+            (:meth:`required_honest` adds what the attack needs for a given ``f``).
     """
 
     name: ClassVar[str] = ""
@@ -79,6 +80,11 @@ class Attack(ABC):
             return honest.new_empty((0, honest.shape[1]))
         return self._forge(honest, own, f, generator if generator is not None else self._generator)
 
+    def required_honest(self, f: int) -> int:
+        """The fewest honest updates the attack needs to forge ``f`` updates (a caller with fewer waits)."""
+        del f
+        return self.min_honest
+
     @abstractmethod
     def _forge(self, honest: Tensor, own: Tensor | None, f: int, generator: torch.Generator) -> Tensor:
         """Produce the ``[f, d]`` Byzantine updates; inputs are already validated and must not be modified."""
@@ -92,9 +98,10 @@ class Attack(ABC):
             )
         if isinstance(f, bool) or not isinstance(f, int) or f < 0:
             raise PreconditionError(f"attack '{self.name}': f must be an integer >= 0, got {f!r}.")
-        if honest.shape[0] < self.min_honest:
+        needed = self.required_honest(f)
+        if honest.shape[0] < needed:
             raise PreconditionError(
-                f"attack '{self.name}' needs at least {self.min_honest} honest updates to compute its "
+                f"attack '{self.name}' needs at least {needed} honest updates to compute its "
                 f"statistics, got h={honest.shape[0]}; give the attacker more honest inputs or pick another attack."
             )
         if own is None:

@@ -109,6 +109,21 @@ class OptimalScaleAttack(Attack):
         """Return ``(base, direction)`` so that an attacker sends ``base + τ·direction``."""
         raise NotImplementedError
 
+    def required_honest(self, f: int) -> int:
+        """At least ``min_honest``, and enough that the defender's rule accepts ``honest + f`` inputs: the
+        search runs the rule on exactly those (a median with f=3 needs 7 rows, so 4 honest ones)."""
+        preconditions = getattr(self.aggregator, "preconditions", None)
+        if preconditions is None:
+            return self.min_honest
+        # Every rule's minimum is at most a few multiples of f (Bulyan: 4f + 3), so this loop is short.
+        for honest in range(self.min_honest, self.min_honest + 4 * f + 8):
+            try:
+                preconditions(honest + f)
+            except PreconditionError:
+                continue
+            return honest
+        return self.min_honest + 4 * f + 8
+
     def deviation(self, honest: Tensor, f: int, scale: float) -> float:
         """D(scale): how far the defender's output moves from the honest mean when f attackers use ``scale``."""
         base, direction = self._statistics(honest)

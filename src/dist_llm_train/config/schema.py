@@ -179,6 +179,32 @@ class SyncConfig(Section):
         default=0.0, ge=0.0, lt=1.0, description="workers send m = beta m + (1-beta) g (robustness: 0.9)"
     )
     history: int = Field(default=64, ge=1, description="parameter versions kept for deltas and staleness")
+    worker_optimizer: Literal["none", "adamw"] = Field(
+        default="none",
+        description=(
+            "gradient modes: 'none' pushes gradients for the server optimiser; 'adamw' takes local_steps "
+            "AdamW steps on the worker and pushes the parameter change (server_optimizer sgd or nesterov)"
+        ),
+    )
+
+    @property
+    def local_updates(self) -> bool:
+        """Whether workers push parameter changes of local AdamW steps rather than gradients."""
+        return self.mode == "local-sgd" or self.worker_optimizer == "adamw"
+
+    def steps_per_update(self, grad_accum_steps: int) -> int:
+        """Micro-batches one update trains on: the inner steps of local updates, else the accumulation."""
+        return self.local_steps if self.local_updates else grad_accum_steps
+
+    @model_validator(mode="after")
+    def _worker_optimizer_fits(self) -> SyncConfig:
+        if self.worker_optimizer == "adamw" and self.mode != "local-sgd" and self.server_optimizer == "adamw":
+            raise ValueError(
+                "sync.worker_optimizer='adamw' pushes parameter changes, which the server should apply, not "
+                "re-normalise: set sync.server_optimizer=sgd (with sync.server_momentum=0 the server adds "
+                "the aggregated change; sync.server_lr defaults to 1) or nesterov"
+            )
+        return self
 
 
 class ClusterConfig(Section):

@@ -20,8 +20,9 @@ from dist_llm_train.training.schedule import lr_at
 def build_server(
     cfg: RunConfig, initial_params: torch.Tensor, *, total_steps: int | None = None
 ) -> ParameterServer:
-    """The parameter server: AdamW over aggregated gradients (warm-up + cosine over server steps), or
-    DiLoCo's outer SGD with Nesterov momentum for ``local-sgd``."""
+    """The parameter server: AdamW over aggregated gradients (warm-up + cosine over server steps);
+    DiLoCo's outer SGD with Nesterov momentum for ``local-sgd``; SGD/Nesterov at lr 1 (unless
+    ``sync.server_lr``) over the parameter changes of ``sync.worker_optimizer=adamw``."""
     sc, tc = cfg.sync, cfg.training
     if sc.mode == "local-sgd":
         return ParameterServer(
@@ -29,6 +30,15 @@ def build_server(
             optimizer="nesterov",
             lr=sc.server_lr or sc.outer_lr,
             momentum=sc.outer_momentum,
+            history=sc.history,
+        )
+    if sc.worker_optimizer == "adamw":
+        # The workers' AdamW already took the scheduled steps: the server adds their aggregate (lr 1).
+        return ParameterServer(
+            initial_params,
+            optimizer=sc.server_optimizer,
+            lr=sc.server_lr or 1.0,
+            momentum=sc.server_momentum,
             history=sc.history,
         )
     steps = total_steps or tc.max_steps

@@ -4,8 +4,10 @@ The same :class:`WorkerEngine` runs inside a real worker process and inside the 
 
 1. load the pulled parameters into the local model;
 2. ``gradient`` modes (sync/async/adaptive): average the gradients of the task's micro-batches, clip them
-   to ``training.grad_clip``; ``local-sgd`` (DiLoCo): run ``sync.local_steps`` inner AdamW steps (the inner
-   optimiser state persists across rounds) and send the pseudo-gradient ``θ_start − θ_end``;
+   to ``training.grad_clip``; ``local-sgd`` (DiLoCo) and ``sync.worker_optimizer=adamw``: run
+   ``sync.local_steps`` inner AdamW steps (the inner optimiser state persists across rounds) and send the
+   pseudo-gradient ``θ_start − θ_end``. With ``worker_optimizer=adamw`` the inner learning rate follows
+   the training schedule at the update's base version, as the server's AdamW would;
 3. worker momentum (``sync.worker_momentum`` β): send ``m ← β·m + (1−β)·g`` — what makes CenteredClip and
    other robust rules hold under attack (Karimireddy et al. 2021);
 4. worker-level DP: clip the update to ``privacy.clip_norm`` (the coordinator adds the noise);
@@ -26,6 +28,7 @@ from dist_llm_train.coordination.flat import flat_grad, flatten_params, load_fla
 from dist_llm_train.data import get_batch
 from dist_llm_train.models import Batch, LanguageModel
 from dist_llm_train.privacy import clip_update
+from dist_llm_train.training.schedule import lr_at
 
 TargetTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -72,7 +75,7 @@ class WorkerEngine:
         self.train_tokens = train_tokens
         self.cfg = cfg
         self.target_transform = target_transform
-        self.local_sgd = cfg.sync.mode == "local-sgd"
+        self.local_updates = cfg.sync.local_updates
         self._momentum: torch.Tensor | None = None
         self._inner: torch.optim.Optimizer | None = None
         self._base_version = 0
@@ -128,6 +131,16 @@ class WorkerEngine:
             self._inner = self.model.configure_optimizer(
                 tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), self.device.type
             )
+        if self.cfg.sync.worker_optimizer == "adamw":
+            lr = lr_at(
+                self._base_version,
+                lr=tc.lr,
+                min_lr=tc.min_lr,
+                warmup_steps=tc.warmup_steps,
+                decay_steps=tc.lr_decay_steps or tc.max_steps,
+            )
+            for group in self._inner.param_groups:
+                group["lr"] = lr
         start = flatten_params(self.model)
         total = 0.0
         steps = self.cfg.sync.local_steps
@@ -147,7 +160,7 @@ class WorkerEngine:
         load_flat_params(self.model, params)
         self._base_version = base_version
         self.model.train()
-        vector, loss = self._local_steps(item) if self.local_sgd else self._gradient(item)
+        vector, loss = self._local_steps(item) if self.local_updates else self._gradient(item)
         beta = self.cfg.sync.worker_momentum
         if beta > 0:
             # m starts at zero (Karimireddy et al. 2021): starting at the first gradient would give that
@@ -157,7 +170,7 @@ class WorkerEngine:
             vector = self._momentum.clone()
         if self.cfg.privacy.mode == "worker":
             vector, _ = clip_update(vector, self.cfg.privacy.clip_norm)
-        steps = self.cfg.sync.local_steps if self.local_sgd else item.micro_batches
+        steps = self.cfg.sync.local_steps if self.local_updates else item.micro_batches
         tokens = steps * self.cfg.training.batch_size * self.model.block_size
         return ComputedUpdate(
             vector=vector.detach().cpu(), base_version=base_version, tokens=tokens, loss=loss

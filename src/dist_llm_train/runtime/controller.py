@@ -292,7 +292,7 @@ class ControllerCore:
         self.coordinator.aggregator.preconditions(updates_per_step(cfg, n_expected))
         self.sync_like = cfg.sync.mode in ("sync", "local-sgd")
         tc, sc = cfg.training, cfg.scheduling
-        steps = cfg.sync.local_steps if cfg.sync.mode == "local-sgd" else tc.grad_accum_steps
+        steps = cfg.sync.steps_per_update(tc.grad_accum_steps)
         self.micro_batches = tc.grad_accum_steps
         self.tokens_per_task = steps * tc.batch_size * self.block_size
         shard_tokens = sum(s.n_tokens for s in data.shards) / max(1, len(data.shards))

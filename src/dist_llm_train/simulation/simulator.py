@@ -275,7 +275,7 @@ class Simulation:
 
         # Pulls send the parameters as the `none` payload: exact bytes, header included.
         self.pull_bytes = NoneCodec().encode(initial).nbytes
-        steps = cfg.sync.local_steps if cfg.sync.mode == "local-sgd" else tc.grad_accum_steps
+        steps = cfg.sync.steps_per_update(tc.grad_accum_steps)
         self.tokens_per_task = steps * tc.batch_size * self.block_size
 
         self.engine = EventEngine()
@@ -374,13 +374,12 @@ class Simulation:
             workers.append(worker)
         if byz_index:
             for w in workers:
-                if (
-                    w.attack is not None
-                    and not w.attack.is_data_attack
-                    and w.attack.min_honest > n - byz_index
-                ):
+                if w.attack is None or w.attack.is_data_attack:
+                    continue
+                needed = w.attack.required_honest(byz_index)
+                if needed > n - byz_index:
                     raise ConfigError(
-                        f"attack {w.attack.name!r} needs {w.attack.min_honest} honest workers to observe but the "
+                        f"attack {w.attack.name!r} needs {needed} honest workers to observe but the "
                         f"cluster has {n - byz_index}; add honest workers or pick another attack"
                     )
         return workers
@@ -556,9 +555,10 @@ class Simulation:
         if attack.is_data_attack:
             return own  # the poison is in its training targets already
         honest = list(self._recent_honest)
-        if len(honest) < max(1, attack.min_honest):
+        needed = attack.required_honest(self.n_byzantine)
+        if len(honest) < max(1, needed):
             honest.append(own)
-        if len(honest) < attack.min_honest:
+        if len(honest) < needed:
             self._attacks_deferred += 1
             return own
         forged = attack(torch.stack(honest), own, self.n_byzantine, w.attack_generator)
