@@ -28,7 +28,7 @@ from dist_llm_train.coordination.flat import flat_grad, flatten_params, load_fla
 from dist_llm_train.data import get_batch
 from dist_llm_train.models import Batch, LanguageModel
 from dist_llm_train.privacy import clip_update
-from dist_llm_train.training.schedule import lr_at
+from dist_llm_train.training.schedule import training_lr
 
 TargetTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -132,13 +132,7 @@ class WorkerEngine:
                 tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), self.device.type
             )
         if self.cfg.sync.worker_optimizer == "adamw":
-            lr = lr_at(
-                self._base_version,
-                lr=tc.lr,
-                min_lr=tc.min_lr,
-                warmup_steps=tc.warmup_steps,
-                decay_steps=tc.lr_decay_steps or tc.max_steps,
-            )
+            lr = training_lr(tc, self._base_version)
             for group in self._inner.param_groups:
                 group["lr"] = lr
         start = flatten_params(self.model)

@@ -35,7 +35,7 @@ from dist_llm_train.training.checkpoint import (
 )
 from dist_llm_train.training.device import configure_threads, resolve_device
 from dist_llm_train.training.evaluation import EvalResult, evaluate
-from dist_llm_train.training.schedule import lr_at
+from dist_llm_train.training.schedule import training_lr
 
 
 def step_seed(seed: int, step: int, micro: int = 0) -> int:
@@ -159,13 +159,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimiser step (with gradient accumulation); returns loss, lr and grad norm."""
         tc = self.cfg.training
-        lr = lr_at(
-            step,
-            lr=tc.lr,
-            min_lr=tc.min_lr,
-            warmup_steps=tc.warmup_steps,
-            decay_steps=tc.lr_decay_steps or tc.max_steps,
-        )
+        lr = training_lr(tc, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(step_seed(tc.seed, step))  # dropout draws depend on the step alone
