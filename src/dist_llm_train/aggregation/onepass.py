@@ -42,7 +42,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -416,22 +416,14 @@ def sq_distances_to_combination(
     lib = _load(x, strict)
     if lib is None:
         return None
-    n, d = (int(s) for s in x.shape)
+    d = int(x.shape[1])
     w, o = _origin_and_weights(x, weights, origin)
     # all weights zero (CenteredClip's first iteration, z = its start): skip forming z
     w_ptr = w.data_ptr() if bool(w.any()) else None
-    width = _width(d)
-    partial = torch.zeros(-(-d // width), n, dtype=torch.float64)
-    column_blocks(
-        d,
-        width,
-        x.device,
-        lambda: None,
-        lambda _, c0, c1: lib.distances(
-            x.data_ptr(), d, c0, c1, w_ptr, o.data_ptr(), partial[c0 // width].data_ptr()
-        ),
+    return _row_sums_over_blocks(
+        x,
+        lambda c0, c1, out_ptr: lib.distances(x.data_ptr(), d, c0, c1, w_ptr, o.data_ptr(), out_ptr),
     )
-    return partial.sum(dim=0)
 
 
 def median_and_sq_distances(x: Tensor, *, strict: bool = False) -> tuple[Tensor, Tensor] | None:
@@ -445,17 +437,23 @@ def median_and_sq_distances(x: Tensor, *, strict: bool = False) -> tuple[Tensor,
     lib = _load(x, strict)
     if lib is None:
         return None
-    n, d = (int(s) for s in x.shape)
+    d = int(x.shape[1])
     m = torch.empty(d, dtype=x.dtype)
+    sq = _row_sums_over_blocks(
+        x,
+        lambda c0, c1, out_ptr: lib.median_distances(x.data_ptr(), d, c0, c1, m.data_ptr(), out_ptr),
+    )
+    return m, sq
+
+
+def _row_sums_over_blocks(x: Tensor, kernel: Callable[[int, int, int], None]) -> Tensor:
+    """Run ``kernel(c0, c1, out_ptr)`` over the column blocks of ``x`` [n, d]; each call writes its block's
+    n float64 partial sums at ``out_ptr``.  Returns the per-row totals, summed in block order (deterministic
+    for a given thread count)."""
+    n, d = (int(s) for s in x.shape)
     width = _width(d)
     partial = torch.zeros(-(-d // width), n, dtype=torch.float64)
     column_blocks(
-        d,
-        width,
-        x.device,
-        lambda: None,
-        lambda _, c0, c1: lib.median_distances(
-            x.data_ptr(), d, c0, c1, m.data_ptr(), partial[c0 // width].data_ptr()
-        ),
+        d, width, x.device, lambda: None, lambda _, c0, c1: kernel(c0, c1, partial[c0 // width].data_ptr())
     )
-    return m, partial.sum(dim=0)
+    return partial.sum(dim=0)
