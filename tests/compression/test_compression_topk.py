@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -181,26 +182,13 @@ def test_warmup_shrinks_the_kept_share_geometrically_to_the_ratio() -> None:
         build_codec("topk", k=5, warmup_steps=10)
 
 
-def test_worker_engine_passes_segments_and_the_server_version(tmp_path: Path) -> None:
-    from dist_llm_train.config import load_config
+def test_worker_engine_passes_segments_and_the_server_version(tiny_engine_cfg: Callable[..., Any]) -> None:
     from dist_llm_train.coordination import WorkerEngine, WorkItem
     from dist_llm_train.data import prepare_data
     from dist_llm_train.models import build_model
 
-    cfg = load_config(
-        None,
-        [
-            "model.preset=custom",
-            "model.n_layer=1",
-            "model.n_head=1",
-            "model.n_embd=16",
-            "model.block_size=8",
-            "data.max_bytes=20000",
-            f"data.cache_dir={tmp_path}",
-            "training.batch_size=2",
-            "compression.codec=topk",
-            "compression.params={ratio: 0.05, layerwise: true, warmup_steps: 10}",
-        ],
+    cfg = tiny_engine_cfg(
+        "compression.codec=topk", "compression.params={ratio: 0.05, layerwise: true, warmup_steps: 10}"
     )
     data = prepare_data(cfg.data, block_size=8)
     model = build_model(cfg.model, data.tokenizer.vocab_size)

@@ -7,12 +7,12 @@ AdamW does in the gradient modes.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from dist_llm_train.config import load_config
+from dist_llm_train.config import RunConfig, load_config
 from dist_llm_train.coordination import WorkerEngine, WorkItem, build_server
 from dist_llm_train.coordination.flat import flatten_params
 from dist_llm_train.data import prepare_data
@@ -42,28 +42,17 @@ def test_server_adds_the_aggregated_change_at_lr_one() -> None:
     assert torch.equal(server.params, torch.tensor([-1.0, 2.0, -0.5, 0.0]))
 
 
-def _engine(tmp_path: Path) -> tuple[WorkerEngine, torch.Tensor, int]:
-    cfg = load_config(
-        None,
-        [
-            "model.preset=custom",
-            "model.n_layer=1",
-            "model.n_head=1",
-            "model.n_embd=16",
-            "model.block_size=8",
-            "data.max_bytes=20000",
-            f"data.cache_dir={tmp_path}",
-            "training.batch_size=2",
-            "training.lr=1e-2",
-            "training.min_lr=1e-3",
-            "training.warmup_steps=10",
-            "training.max_steps=100",
-            "training.weight_decay=0",
-            "training.grad_clip=null",
-            "sync.mode=adaptive",
-            "sync.local_steps=1",
-            *WORKER_ADAMW,
-        ],
+def _engine(tiny_engine_cfg: Callable[..., RunConfig]) -> tuple[WorkerEngine, torch.Tensor, int]:
+    cfg = tiny_engine_cfg(
+        "training.lr=1e-2",
+        "training.min_lr=1e-3",
+        "training.warmup_steps=10",
+        "training.max_steps=100",
+        "training.weight_decay=0",
+        "training.grad_clip=null",
+        "sync.mode=adaptive",
+        "sync.local_steps=1",
+        *WORKER_ADAMW,
     )
     data = prepare_data(cfg.data, block_size=8)
     torch.manual_seed(0)
@@ -72,8 +61,10 @@ def _engine(tmp_path: Path) -> tuple[WorkerEngine, torch.Tensor, int]:
 
 
 @pytest.mark.parametrize("base_version", [0, 10, 60])
-def test_inner_adamw_step_follows_the_schedule_at_the_base_version(tmp_path: Path, base_version: int) -> None:
-    engine, params, n_tokens = _engine(tmp_path)
+def test_inner_adamw_step_follows_the_schedule_at_the_base_version(
+    tiny_engine_cfg: Callable[..., RunConfig], base_version: int
+) -> None:
+    engine, params, n_tokens = _engine(tiny_engine_cfg)
     update = engine.compute(params.clone(), base_version, WorkItem(0, n_tokens, 1, 5))
     expected_lr = lr_at(base_version, lr=1e-2, min_lr=1e-3, warmup_steps=10, decay_steps=100)
     # AdamW's first (bias-corrected) step moves every coordinate with a gradient by lr * g / (|g| + eps):
