@@ -146,7 +146,8 @@ class SyncConfig(Section):
     Symptoms and settings: many ``too-stale`` rejections of slow workers → ``adaptive`` mode or a larger
     ``max_staleness``; loss noisy or diverging under asynchrony → smaller ``max_staleness``, the ``inverse``
     policy, or a larger ``buffer_size``; sync rounds waiting on one slow worker → ``quorum`` below the
-    worker count with a ``straggler_timeout_s``.
+    worker count with a ``straggler_timeout_s``; asynchronous runs converging behind the synchronous one
+    although few updates are rejected → ``lookahead`` 1 (gradients computed where the update will land).
     """
 
     mode: Literal["sync", "async", "adaptive", "local-sgd"] = "sync"
@@ -177,6 +178,16 @@ class SyncConfig(Section):
     server_momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="sgd/nesterov momentum")
     worker_momentum: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="workers send m = beta m + (1-beta) g (robustness: 0.9)"
+    )
+    lookahead: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=4.0,
+        description=(
+            "async/adaptive: compute each gradient at θ + lookahead · s · v, where v is the parameters' "
+            "last per-version change and s the worker's recent staleness (DANA-style delay compensation); "
+            "0 turns it off, 1 aims at the version the update will meet"
+        ),
     )
     history: int = Field(default=64, ge=1, description="parameter versions kept for deltas and staleness")
     worker_optimizer: Literal["none", "adamw"] = Field(

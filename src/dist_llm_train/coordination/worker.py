@@ -8,6 +8,10 @@ The same :class:`WorkerEngine` runs inside a real worker process and inside the 
    ``sync.local_steps`` inner AdamW steps (the inner optimiser state persists across rounds) and send the
    pseudo-gradient ``θ_start − θ_end``. With ``worker_optimizer=adamw`` the inner learning rate follows
    the training schedule at the update's base version, as the server's AdamW would;
+   With ``sync.lookahead`` λ > 0 the gradient is taken at ``θ + λ·s·v`` rather than at the pulled ``θ``:
+   ``v`` is the parameters' per-version change between this worker's last two pulls and ``s`` its recent
+   staleness (:meth:`WorkerEngine.observe_staleness`), so the gradient is computed near the parameters the
+   update will be applied to (DANA, Hakimi et al. 2019). The update itself is unchanged;
 3. worker momentum (``sync.worker_momentum`` β): send ``m ← β·m + (1−β)·g`` — what makes CenteredClip and
    other robust rules hold under attack (Karimireddy et al. 2021);
 4. worker-level DP: clip the update to ``privacy.clip_norm`` (the coordinator adds the noise);
@@ -79,6 +83,10 @@ class WorkerEngine:
         self._momentum: torch.Tensor | None = None
         self._inner: torch.optim.Optimizer | None = None
         self._base_version = 0
+        self._previous_params: torch.Tensor | None = None
+        self._previous_version = 0
+        self._velocity: torch.Tensor | None = None
+        self._staleness: float | None = None
         self.codec: Codec | ErrorFeedback = self._build_codec(model)
 
     def _build_codec(self, model: LanguageModel) -> Codec | ErrorFeedback:
@@ -149,9 +157,34 @@ class WorkerEngine:
         self._inner.zero_grad(set_to_none=True)
         return start - flatten_params(self.model), total
 
+    def observe_staleness(self, staleness: int) -> None:
+        """Feed back how many versions the server had moved on when this worker's last update arrived (what
+        ``sync.lookahead`` extrapolates by); an exponential average of the last few."""
+        value = float(max(0, staleness))
+        self._staleness = value if self._staleness is None else 0.5 * self._staleness + 0.5 * value
+
+    def _lookahead_params(self, params: torch.Tensor, base_version: int) -> torch.Tensor:
+        """``params`` moved ``lookahead · staleness`` versions further along their last per-version change."""
+        factor = self.cfg.sync.lookahead
+        if factor <= 0.0:
+            return params
+        previous = self._previous_params
+        if previous is not None and base_version < self._previous_version:
+            previous = self._velocity = None  # the server went back (a resumed checkpoint): start afresh
+        if previous is not None and base_version > self._previous_version:
+            # Averaged over the versions between two pulls: a worker that missed several steps still gets
+            # the mean change per version, which is what one more version is expected to add.
+            self._velocity = (params - previous) / float(base_version - self._previous_version)
+        if previous is None or base_version != self._previous_version:
+            self._previous_params = params.detach().clone()
+            self._previous_version = base_version
+        if self._velocity is None or not self._staleness:
+            return params
+        return params + (factor * self._staleness) * self._velocity
+
     def compute(self, params: torch.Tensor, base_version: int, item: WorkItem) -> ComputedUpdate:
         """The honest update for ``item`` starting from ``params`` (before compression)."""
-        load_flat_params(self.model, params)
+        load_flat_params(self.model, self._lookahead_params(params, base_version))
         self._base_version = base_version
         self.model.train()
         vector, loss = self._local_steps(item) if self.local_updates else self._gradient(item)

@@ -701,6 +701,7 @@ class Simulation:
                     byzantine=w.profile.byzantine,
                 )
             )
+            w.engine.observe_staleness(outcome.staleness)
             if outcome.accepted:
                 w.report.accepted += 1
                 if self._sync_like and outcome.step is None:
