@@ -17,10 +17,10 @@ import pytest
 from dist_llm_train.validation import compare_results, run_validation
 from dist_llm_train.validation.presets import BYZANTINE_DEFENCE, BYZANTINE_DEFENCE_MARGIN
 
-# gpt2-wikitext small: measured perplexity ratio 1.19 (distributed 4.596 vs baseline 4.426 nats/token).
+# gpt2-wikitext small: measured perplexity ratio 1.163 (distributed 4.576 vs baseline 4.426 nats/token).
 # The criterion is <= 1.10 and is MISSED at this scale (see docs/VALIDATION.md); this bound keeps
 # the known gap from growing unnoticed.
-GPT2_PERPLEXITY_RATIO_BOUND = 1.25
+GPT2_PERPLEXITY_RATIO_BOUND = 1.20
 
 # The reduced matrix: the clean baseline, a divergent attack (scaling x1000) against the mean, the
 # recommended defence and Krum, and the defence under ALIE (the in-distribution attack built to beat it).
