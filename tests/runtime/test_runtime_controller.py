@@ -215,6 +215,59 @@ def test_delta_pulls_reconstruct_the_parameters(cache: Path, data: PreparedData)
     assert h.core.workers["w1"].pulls_delta == 1
 
 
+def test_a_task_request_with_pull_brings_the_parameters_it_needs(cache: Path, data: PreparedData) -> None:
+    h = Harness(_config(cache, sync={"buffer_size": 1}), data, pull_codec="int8")
+    h.register("w")
+    # No parameters held: the assignment is followed by the full parameters, answering the same request.
+    request = TaskRequest(pull=True)
+    out = h.send("w", request)
+    assert [type(o.message) for o in out] == [TaskAssign, Params]
+    assign, params = out[0].message, out[1].message
+    assert isinstance(assign, TaskAssign) and isinstance(params, Params)
+    assert params.ref == assign.ref == request.id and params.base_version is None
+    assert params.version == assign.version == 0
+    held = decode(out[1].payload).reshape(-1)  # type: ignore[arg-type]
+    assert torch.equal(held, h.initial)
+    h.push("w", assign, _grad(h.numel, 1))
+    # Holding version 0 of 1: a delta from it follows; holding the current version: no parameters at all.
+    out = h.send("w", TaskRequest(pull=True, have_version=0))
+    assert [type(o.message) for o in out] == [TaskAssign, Params]
+    delta = out[1].message
+    assert isinstance(delta, Params) and delta.base_version == 0 and delta.version == 1
+    rebuilt = held + decode(out[1].payload).reshape(-1)  # type: ignore[arg-type]
+    assert float((rebuilt - h.core.server.params).abs().max()) < 1e-4
+    h.push("w", out[0].message, _grad(h.numel, 2))  # type: ignore[arg-type]
+    out = h.send("w", TaskRequest(pull=True, have_version=2))
+    assert [type(o.message) for o in out] == [TaskAssign]
+    record = h.core.workers["w"]
+    assert (record.pulls_full, record.pulls_delta) == (1, 1)
+
+
+def test_a_parked_request_with_pull_gets_the_parameters_of_the_new_round(
+    cache: Path, data: PreparedData
+) -> None:
+    cfg = _config(
+        cache, sync={"mode": "sync", "quorum": 2, "straggler_timeout_s": 10.0}, cluster={"workers": 2}
+    )
+    h = Harness(cfg, data)
+    h.register("a")
+    h.register("b")
+    first, second = h.task("a"), h.task("b")
+    assert h.push("a", first, _grad(h.numel, 1)).accepted
+    parked = TaskRequest(pull=True, have_version=0)
+    assert h.send("a", parked) == []  # its update is in the current round
+    out = h.send(
+        "b",
+        Push(base_version=0, lease_id=second.lease_id, task_id=second.task_id, tokens=1, loss=1.0),
+        NoneCodec().encode(_grad(h.numel, 2)),
+    )
+    to_a = [o for o in out if o.worker_id == "a"]
+    assert [type(o.message) for o in to_a] == [TaskAssign, Params]
+    params = to_a[1].message
+    assert isinstance(params, Params) and params.ref == parked.id and params.version == 1
+    assert torch.equal(decode(to_a[1].payload).reshape(-1), h.core.server.params)  # type: ignore[arg-type]
+
+
 def test_expired_lease_is_requeued_and_the_late_result_refused(cache: Path, data: PreparedData) -> None:
     h = Harness(_config(cache, scheduling={"failure_timeout_s": 30.0}), data)
     h.register("slow")

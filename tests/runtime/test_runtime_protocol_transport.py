@@ -208,6 +208,22 @@ def test_shaper_serialises_concurrent_sends_per_direction() -> None:
     assert shaper.before_send(1_000_000) == pytest.approx(0.11)
 
 
+def test_shaper_pipelined_messages_share_the_latency() -> None:
+    fake = FakeTime()
+    shaper = LinkShaper(bandwidth_mbps=8.0, latency_ms=50.0, sleep=fake.sleep, clock=fake.clock)
+    # A push and the task request right behind it: one latency, both transfers.
+    assert shaper.before_send(100_000) == pytest.approx(0.15)
+    assert shaper.before_send(1_000, with_previous=True) == pytest.approx(0.001)
+    # The replies to both: acknowledgement, assignment and parameters arrive in one burst.
+    assert shaper.after_recv(1_000) == pytest.approx(0.051)
+    assert shaper.after_recv(1_000, with_previous=True) == pytest.approx(0.001)
+    assert shaper.after_recv(500_000, with_previous=True) == pytest.approx(0.5)
+    assert sum(fake.sleeps) == pytest.approx(0.703)  # 2 latencies; one at a time would cost 5
+    # Sent one after the other (the old request/reply sequence), each message pays the latency again.
+    serial = LinkShaper(bandwidth_mbps=8.0, latency_ms=50.0, sleep=fake.sleep, clock=fake.clock)
+    assert serial.before_send(100_000) + serial.before_send(1_000) == pytest.approx(0.201)
+
+
 def test_shaper_unlimited_and_validation() -> None:
     fake = FakeTime()
     latency_only = LinkShaper(latency_ms=20.0, sleep=fake.sleep, clock=fake.clock)

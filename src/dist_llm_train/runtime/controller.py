@@ -227,9 +227,15 @@ class WorkerRecord:
 
 @dataclass
 class _Waiter:
+    """A parked TASK_REQUEST: answered when a task frees up (or with NO_TASK at ``deadline``)."""
+
     routing_id: bytes
-    ref: int
+    request: TaskRequest
     deadline: float
+
+    @property
+    def ref(self) -> int:
+        return self.request.id
 
 
 EventSink = Callable[..., None]
@@ -652,10 +658,21 @@ class ControllerCore:
         if not self._blocked(wid):
             granted = self._assign([wid]).get(wid)
             if granted:
-                record.tasks += len(granted)
-                return [self._to(inbound, self._assign_message(lease, msg.id)) for lease in granted]
-        self._waiters[wid] = _Waiter(inbound.routing_id, msg.id, self.clock.now() + _PARK_S)
+                return self._grant(record, inbound.routing_id, msg, granted)
+        self._waiters[wid] = _Waiter(inbound.routing_id, msg, self.clock.now() + _PARK_S)
         return []
+
+    def _grant(
+        self, record: WorkerRecord, routing_id: bytes, request: TaskRequest, leases: list[Lease]
+    ) -> list[Outgoing]:
+        """TASK_ASSIGN per lease, then the parameters when the request asked for them and needs them."""
+        record.tasks += len(leases)
+        wid = record.worker_id
+        out = [Outgoing(routing_id, wid, self._assign_message(lease, request.id)) for lease in leases]
+        if request.pull and request.have_version != self.version:
+            reply, payload = self._params_reply(record, request.id, request.have_version)
+            out.append(Outgoing(routing_id, wid, reply, payload))
+        return out
 
     def _serve_waiters(self) -> list[Outgoing]:
         out: list[Outgoing] = []
@@ -673,12 +690,7 @@ class ControllerCore:
             waiter = self._waiters[wid]
             leases = granted.get(wid)
             if leases:
-                record = self.workers[wid]
-                record.tasks += len(leases)
-                out.extend(
-                    Outgoing(waiter.routing_id, wid, self._assign_message(lease, waiter.ref))
-                    for lease in leases
-                )
+                out.extend(self._grant(self.workers[wid], waiter.routing_id, waiter.request, leases))
                 del self._waiters[wid]
             elif now >= waiter.deadline or wid not in self.workers:
                 reason = "barrier" if self._blocked(wid) else "no-task"
@@ -717,15 +729,19 @@ class ControllerCore:
             self._delta_cache[have] = cached
         return cached
 
-    def _on_pull(self, inbound: Inbound, record: WorkerRecord, msg: Pull) -> list[Outgoing]:
-        payload = None if msg.have_version is None else self._delta_payload(msg.have_version)
+    def _params_reply(
+        self, record: WorkerRecord, ref: int, have_version: int | None
+    ) -> tuple[Params, Encoded]:
+        """PARAMS for a worker holding ``have_version``: a delta from it where the pull codec allows."""
+        payload = None if have_version is None else self._delta_payload(have_version)
         if payload is not None:
             record.pulls_delta += 1
-            reply = Params(ref=msg.id, version=self.version, base_version=msg.have_version, numel=self.numel)
-        else:
-            record.pulls_full += 1
-            payload = self._full_payload()
-            reply = Params(ref=msg.id, version=self.version, numel=self.numel)
+            return Params(ref=ref, version=self.version, base_version=have_version, numel=self.numel), payload
+        record.pulls_full += 1
+        return Params(ref=ref, version=self.version, numel=self.numel), self._full_payload()
+
+    def _on_pull(self, inbound: Inbound, record: WorkerRecord, msg: Pull) -> list[Outgoing]:
+        reply, payload = self._params_reply(record, msg.id, msg.have_version)
         return [self._to(inbound, reply, payload)]
 
     # ------------------------------------------------------------------ updates

@@ -282,16 +282,24 @@ class HeartbeatAck(_MessageBase):
 
 
 class TaskRequest(_MessageBase):
-    """Worker → controller: give me up to ``max_tasks`` tasks."""
+    """Worker → controller: give me up to ``max_tasks`` tasks.
+
+    ``pull=True`` saves the worker a PULL round trip: when the task's version differs from ``have_version``
+    (``None``: it holds no parameters), the TASK_ASSIGN is followed by the PARAMS a PULL with the same
+    ``have_version`` would get, with the same ``ref``. A worker may send this request right behind its PUSH,
+    before the PUSH_ACK arrives; one round trip per task remains."""
 
     TYPE: ClassVar[MessageType] = MessageType.TASK_REQUEST
     max_tasks: int = Field(default=1, ge=1, le=64)
+    pull: bool = False
+    have_version: Version | None = None
 
 
 class TaskAssign(_MessageBase):
     """Controller → worker: a task under lease ``lease_id``: train ``micro_batches`` micro-batches drawn
     with ``batch_seed`` from tokens ``[start, end)``. The lease ends after ``lease_s`` without a heartbeat
-    naming it. ``version``: the current model version (pull first when holding an older one)."""
+    naming it. ``version``: the current model version (pull first when holding an older one, unless the
+    request asked for the parameters with ``pull``: then they follow this message)."""
 
     TYPE: ClassVar[MessageType] = MessageType.TASK_ASSIGN
     lease_id: U64

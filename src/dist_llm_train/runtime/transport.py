@@ -370,8 +370,9 @@ class LinkShaper:
     link). ``sleep`` and ``clock``: injectable (``time.sleep``/``time.monotonic`` in a real worker; a fake
     that records in tests). Thread-safe: the link is reserved under a lock and slept on outside it.
 
-    The emulation is at message granularity and only on the worker's side; it does not model loss or
-    jitter. For an update of B bytes the worker is blocked ``latency + 8B/bandwidth`` seconds.
+    Messages pipelined behind another (``with_previous``) share its latency, as on a real link where
+    several messages are in flight at once. The emulation is at message granularity and only on the
+    worker's side; it does not model loss or jitter. For an update of B bytes the worker is blocked ``latency + 8B/bandwidth`` seconds.
     """
 
     def __init__(
@@ -394,6 +395,7 @@ class LinkShaper:
         self._clock = clock
         self._lock = threading.Lock()
         self._busy_until: dict[str, float] = {"up": -math.inf, "down": -math.inf}
+        self._last_sent: dict[str, float] = {"up": -math.inf, "down": -math.inf}
         self.slept_s = 0.0
         self.bytes: dict[str, int] = {"up": 0, "down": 0}
 
@@ -409,11 +411,15 @@ class LinkShaper:
         """Delay of one message on an idle link: latency + transfer time."""
         return self.latency_s + self.transfer_s(nbytes)
 
-    def _pass(self, direction: Literal["up", "down"], nbytes: int) -> float:
+    def _pass(self, direction: Literal["up", "down"], nbytes: int, with_previous: bool) -> float:
         tx = self.transfer_s(nbytes)
         with self._lock:
             now = self._clock()
-            start = max(now, self._busy_until[direction])
+            # A message pipelined behind the previous one left with it: the latency is shared, only its own
+            # transfer time adds (the caller has already slept for the first one's latency).
+            sent = min(now, self._last_sent[direction]) if with_previous else now
+            self._last_sent[direction] = sent
+            start = max(sent, self._busy_until[direction])
             self._busy_until[direction] = start + tx
             wait = start + tx + self.latency_s - now
             self.bytes[direction] += nbytes
@@ -422,10 +428,12 @@ class LinkShaper:
             self._sleep(wait)
         return max(wait, 0.0)
 
-    def before_send(self, nbytes: int) -> float:
-        """Block for the upload of ``nbytes`` (queueing behind earlier uploads); returns seconds waited."""
-        return self._pass("up", nbytes)
+    def before_send(self, nbytes: int, *, with_previous: bool = False) -> float:
+        """Block for the upload of ``nbytes`` (queueing behind earlier uploads); returns seconds waited.
+        ``with_previous``: sent back-to-back with the previous upload (pipelined), so it shares its latency."""
+        return self._pass("up", nbytes, with_previous)
 
-    def after_recv(self, nbytes: int) -> float:
-        """Block for the download of ``nbytes`` just received; returns seconds waited."""
-        return self._pass("down", nbytes)
+    def after_recv(self, nbytes: int, *, with_previous: bool = False) -> float:
+        """Block for the download of ``nbytes`` just received; returns seconds waited. ``with_previous``: the
+        peer sent it right behind the previous download (several replies to one burst of requests)."""
+        return self._pass("down", nbytes, with_previous)

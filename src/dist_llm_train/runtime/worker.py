@@ -1,11 +1,15 @@
-"""The worker process: register, then request a task, pull parameters, compute, compress, push; repeat.
+"""The worker process: register, then request a task (with its parameters), compute, compress, push; repeat.
 
 Threads and sockets: the worker's DEALER socket belongs to one background thread, the *link*, which also
 sends the heartbeats (so they keep flowing while the main thread computes) and forwards every other
 message between the DEALER and an in-process ``inproc://`` PAIR pipe to the main thread. No socket is
 ever used by two threads, and payload frames cross the pipe without a copy.
 
-The main thread drives the protocol with request/reply calls over the pipe. Every call has a timeout
+The main thread drives the protocol with request/reply calls over the pipe, one round trip per task: the
+TASK_REQUEST goes out right behind the PUSH of the previous update (``pull=True``), and the controller
+answers PUSH_ACK, then TASK_ASSIGN followed by the parameters the task needs (a delta from the version the
+worker holds, or the full vector). A separate PULL remains for when that reply is missing. On a WAN link
+with latency L this is 2L per task instead of 6L for request, pull and push in turn. Every call has a timeout
 (``timeout_s``): a reply that does not come (the controller restarted, the network dropped) makes the
 worker abandon its task and register again, with exponential backoff, until ``give_up_s`` passes without
 a controller. The run config comes with REGISTER_OK, so a worker needs no config file; it prepares the
@@ -314,6 +318,7 @@ class Worker:
         self._params: torch.Tensor | None = None
         self._version = -1
         self._deltas = 0
+        self._pending_request: TaskRequest | None = None
         self._tput: float | None = None
 
     # ------------------------------------------------------------------ control
@@ -327,11 +332,14 @@ class Worker:
         self.request_stop(signal.Signals(signum).name)
 
     # ------------------------------------------------------------------ pipe
-    def _send(self, message: Message, payload: Encoded | Sequence[Any] = ()) -> None:
+    def _send(
+        self, message: Message, payload: Encoded | Sequence[Any] = (), *, with_previous: bool = False
+    ) -> None:
+        """Send ``message``; ``with_previous``: pipelined right behind the previous one (link emulation)."""
         frames = encode_message(message, payload)
         nbytes = sum(frame_nbytes(f) for f in frames)
         if self.shaper is not None:
-            self.shaper.before_send(nbytes)
+            self.shaper.before_send(nbytes, with_previous=with_previous)
         self.report.bytes_up += nbytes
         self._pipe.send_multipart(frames, copy=False)
 
@@ -340,6 +348,13 @@ class Worker:
     ) -> Received:
         """Send ``message`` and wait for the reply that names it. Raises :class:`_Lost` on timeout."""
         self._send(message, payload)
+        return self._receive(message, timeout_s=timeout_s)
+
+    def _receive(
+        self, message: Message, *, timeout_s: float | None = None, with_previous: bool = False
+    ) -> Received:
+        """Wait for the next reply that names ``message`` (sent earlier). Raises :class:`_Lost` on timeout.
+        ``with_previous``: the reply was sent right behind the last one received (link emulation)."""
         deadline = time.monotonic() + (self.options.timeout_s if timeout_s is None else timeout_s)
         while True:
             if self._link.error is not None:
@@ -357,7 +372,7 @@ class Worker:
             nbytes = sum(len(f) for f in frames)
             self.report.bytes_down += nbytes
             if self.shaper is not None:
-                self.shaper.after_recv(nbytes)
+                self.shaper.after_recv(nbytes, with_previous=with_previous)
             try:
                 message_in, payload_in = decode_message(frames, self.limits)
             except ProtocolError as exc:
@@ -522,6 +537,7 @@ class Worker:
         # A (re)registration starts from the controller's current parameters: what this worker held may
         # belong to a controller that restarted from a checkpoint, and so does the error-feedback residual.
         self._params, self._version, self._deltas = None, -1, 0
+        self._pending_request = None  # asked of a controller that no longer knows this worker
         assert self.engine is not None
         reset = getattr(self.engine.codec, "reset", None)
         if callable(reset):
@@ -590,8 +606,17 @@ class Worker:
         self.cfg, self.data = cfg, data
 
     # ------------------------------------------------------------------ one task
+    def _task_request(self) -> TaskRequest:
+        # The parameters come with the assignment (one round trip fewer than a separate PULL).
+        return TaskRequest(pull=True, have_version=self._have_version())
+
     def _one_task(self) -> str:
-        reply = self._call(TaskRequest())
+        request, self._pending_request = self._pending_request, None
+        pipelined = request is not None  # its reply comes right behind the PUSH_ACK
+        if request is None:
+            request = self._task_request()
+            self._send(request)
+        reply = self._receive(request, with_previous=pipelined)
         msg = reply.message
         if isinstance(msg, ErrorReply):
             if msg.code == "not-registered":
@@ -605,13 +630,23 @@ class Worker:
         if not isinstance(msg, TaskAssign):
             log.warning("unexpected reply to TASK_REQUEST: %s", msg.TYPE.value)
             return "error"
+        if msg.version != request.have_version:
+            failed = self._apply_params(self._receive(request, with_previous=True))
+            if failed is not None:
+                return failed
         return self._run_task(msg)
 
-    def _pull(self) -> str | None:
-        have = (
+    def _have_version(self) -> int | None:
+        """The version to ask a delta from; ``None`` (full parameters) every ``resync_every`` pulls."""
+        return (
             self._version if self._params is not None and self._deltas < self.options.resync_every else None
         )
-        reply = self._call(Pull(have_version=have))
+
+    def _pull(self) -> str | None:
+        return self._apply_params(self._call(Pull(have_version=self._have_version())))
+
+    def _apply_params(self, reply: Received) -> str | None:
+        """Take the parameters of a PARAMS reply (full, or a delta from the version held)."""
         msg = reply.message
         if isinstance(msg, ErrorReply):
             return "not-registered" if msg.code == "not-registered" else "error"
@@ -686,13 +721,20 @@ class Worker:
                 compute_s=elapsed,
             )
             self.report.pushes += 1
-            reply = self._call(push, encoded)
+            self._send(push, encoded)
+            if self.options.max_tasks is None or self.report.pushes < self.options.max_tasks:
+                # Asked before the acknowledgement arrives: the controller handles it right after the push,
+                # so the next task (and the parameters it needs) come back without another round trip.
+                self._pending_request = self._task_request()
+                self._send(self._pending_request, with_previous=True)
+            reply = self._receive(push)
         finally:
             self._heartbeat.set(lease_ids=[])
         msg = reply.message
         if isinstance(msg, ErrorReply):
             return "not-registered" if msg.code == "not-registered" else "error"
         if isinstance(msg, PushAck):
+            self.engine.observe_staleness(msg.staleness)
             if msg.accepted:
                 self.report.accepted += 1
             else:
