@@ -11,8 +11,9 @@
 
 Both run one torch thread on the same model (the ``distributed-default`` preset: gpt-tiny, 8 x 128 tokens
 per task). Measurements are interleaved (in-process, loopback with CurveZMQ, loopback plaintext, ...,
-in-process) and medians compared, so drifting load on the machine hits all of them alike. The target is
-loopback >= 90% of in-process. A single worker is the worst case for the runtime: the controller's
+in-process); each loopback run is compared with the mean of the two in-process runs around it, and the
+median of these per-round ratios is the result, so drifting load on the machine hits both sides of each
+ratio alike. The target is loopback >= 90% of in-process. A single worker is the worst case for the runtime: the controller's
 server step and the parameter pull sit on the critical path of every task, with no other worker to
 overlap them with.
 
@@ -149,6 +150,16 @@ def loopback(
     return rate, {"pushes": len(pushes), "tokens_per_task": tokens_per_task}
 
 
+def round_ratios(runs: list[float], local: list[float]) -> list[float]:
+    """Run ``r`` of a loopback path against the in-process runs just before and after it."""
+    return [rate / ((local[r] + local[r + 1]) / 2) for r, rate in enumerate(runs)]
+
+
+def paired_ratio(runs: list[float], local: list[float]) -> float:
+    """Median over rounds of :func:`round_ratios`."""
+    return statistics.median(round_ratios(runs, local))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -191,22 +202,28 @@ def main() -> None:
             plain.append(loopback(config, Path(tmp) / f"plain-{r}", args.tasks, args.warmup, secure=False)[0])
         local.append(in_process(cfg, args.tasks, args.warmup))
     base = statistics.median(local)
-    ratio_secure = statistics.median(secure) / base
-    ratio_plain = statistics.median(plain) / base
+    # Headline: each loopback run against the mean of the two in-process runs around it, then the median
+    # over rounds. The machine's speed drifts by 20% and more over minutes, and a ratio of pooled medians
+    # mixes runs from different speeds; the paired ratio compares runs taken a minute apart.
+    ratio_secure = paired_ratio(secure, local)
+    ratio_plain = paired_ratio(plain, local)
     table = Table(title=f"one worker, {cfg.model.preset}, codec {cfg.compression.codec}, {args.tasks} tasks")
     table.add_column("path")
     table.add_column("tokens/s (median)", justify="right")
-    table.add_column("vs in-process", justify="right")
+    table.add_column("vs in-process (paired)", justify="right")
+    table.add_column("per round", justify="right")
     table.add_column("all runs", justify="right")
     for label, runs in (
         ("in-process (engine + coordinator)", local),
         ("worker over loopback, CurveZMQ (as the launcher runs)", secure),
         ("worker over loopback, plaintext", plain),
     ):
+        paired = runs is not local
         table.add_row(
             label,
             f"{statistics.median(runs):,.0f}",
-            f"{statistics.median(runs) / base:.2f}",
+            f"{paired_ratio(runs, local):.2f}" if paired else "1.00",
+            ", ".join(f"{v:.2f}" for v in round_ratios(runs, local)) if paired else "",
             ", ".join(f"{v:,.0f}" for v in runs),
         )
     Console().print(table)
@@ -224,6 +241,10 @@ def main() -> None:
             "loopback_plaintext_tokens_per_s": plain,
             "ratio_curve": ratio_secure,
             "ratio_plaintext": ratio_plain,
+            "round_ratios_curve": round_ratios(secure, local),
+            "round_ratios_plaintext": round_ratios(plain, local),
+            "ratio_of_medians_curve": statistics.median(secure) / base,
+            "ratio_of_medians_plaintext": statistics.median(plain) / base,
             "target": 0.9,
             **info,
             "machine": {"python": platform.python_version(), "torch": torch.__version__},
