@@ -150,6 +150,25 @@ def loopback(
     return rate, {"pushes": len(pushes), "tokens_per_task": tokens_per_task}
 
 
+def one_worker_overrides(tasks: int) -> list[str]:
+    """One worker, one update per server step with the plain mean, no evaluation or checkpoints in the
+    way: what the per-task benchmarks measure (room for ``tasks`` tasks ten times over)."""
+    return [
+        "cluster.workers=1",
+        "cluster.speeds=null",
+        "sync.mode=async",
+        "sync.buffer_size=1",
+        "aggregation.rule=mean",
+        "aggregation.f=0",
+        "aggregation.params={}",
+        "training.eval_interval=1000000",
+        f"training.max_steps={tasks * 10}",
+        "training.checkpoint_interval=null",
+        "training.threads=1",
+        "telemetry.progress=false",
+    ]
+
+
 def round_ratios(runs: list[float], local: list[float]) -> list[float]:
     """Run ``r`` of a loopback path against the in-process runs just before and after it."""
     return [rate / ((local[r] + local[r + 1]) / 2) for r, rate in enumerate(runs)]
@@ -171,21 +190,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    overrides = [
-        "cluster.workers=1",
-        "cluster.speeds=null",
-        "sync.mode=async",
-        "sync.buffer_size=1",
-        "aggregation.rule=mean",
-        "aggregation.f=0",
-        "aggregation.params={}",
-        "training.eval_interval=1000000",
-        f"training.max_steps={args.tasks * 10}",
-        "training.checkpoint_interval=null",
-        "training.threads=1",
-        "telemetry.progress=false",
-    ]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, one_worker_overrides(args.tasks))
     # Interleaved (in-process, loopback, loopback plaintext) rounds, then one more in-process run: load on the
     # machine drifts over minutes, and every loopback run sits between two in-process runs.
     local: list[float] = []

@@ -31,6 +31,7 @@ from rich.table import Table
 from dist_llm_train.config import config_to_yaml, load_config
 from dist_llm_train.runtime.launcher import free_port
 from dist_llm_train.telemetry import read_metrics
+from overhead import one_worker_overrides
 
 CLI = [sys.executable, "-m", "dist_llm_train.cli"]
 
@@ -107,21 +108,7 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
-    overrides = [
-        "cluster.workers=1",
-        "cluster.speeds=null",
-        "sync.mode=async",
-        "sync.buffer_size=1",
-        "aggregation.rule=mean",
-        "aggregation.f=0",
-        "aggregation.params={}",
-        "training.eval_interval=1000000",
-        f"training.max_steps={args.tasks * 10}",
-        "training.checkpoint_interval=null",
-        "training.threads=1",
-        "telemetry.progress=false",
-    ]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, one_worker_overrides(args.tasks))
     link = ["--latency-ms", str(args.latency_ms), "--bandwidth-mbps", str(args.bandwidth_mbps)]
     arms: dict[str, str | None] = {"this checkout": None}
     if args.baseline_src:
