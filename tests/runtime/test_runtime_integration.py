@@ -33,6 +33,7 @@ from dist_llm_train.compression import Encoded, NoneCodec
 from dist_llm_train.runtime.launcher import free_port
 from dist_llm_train.runtime.metrics import summarize_url
 from dist_llm_train.runtime.protocol import (
+    PROTOCOL_VERSION,
     ErrorReply,
     Limits,
     Message,
@@ -565,19 +566,36 @@ def test_malformed_traffic_is_answered_counted_and_never_stops_the_controller(cl
         cases: list[tuple[str, list[Any]]] = [
             ("malformed", [b"\xc1" + rng.bytes(63)]),  # 0xc1 is never valid msgpack
             ("version", [msgpack.packb({"v": 99, "type": "heartbeat", "id": 1, "frames": []})]),
-            ("unknown-type", [msgpack.packb({"v": 1, "type": "gimme", "id": 2, "frames": []})]),
+            (
+                "unknown-type",
+                [msgpack.packb({"v": PROTOCOL_VERSION, "type": "gimme", "id": 2, "frames": []})],
+            ),
             (
                 "bad-field",
-                [msgpack.packb({"v": 1, "type": "task-request", "id": 3, "max_tasks": 0, "frames": []})],
+                [
+                    msgpack.packb(
+                        {"v": PROTOCOL_VERSION, "type": "task-request", "id": 3, "max_tasks": 0, "frames": []}
+                    )
+                ],
             ),
             (
                 "too-many-frames",
-                [msgpack.packb({"v": 1, "type": "heartbeat", "id": 4, "frames": [1] * 20}), *[b"x"] * 20],
+                [
+                    msgpack.packb({"v": PROTOCOL_VERSION, "type": "heartbeat", "id": 4, "frames": [1] * 20}),
+                    *[b"x"] * 20,
+                ],
             ),
             (
                 "too-large",
                 [
-                    msgpack.packb({"v": 1, "type": "push", "id": 5, "frames": [limit.max_frame_bytes + 1]}),
+                    msgpack.packb(
+                        {
+                            "v": PROTOCOL_VERSION,
+                            "type": "push",
+                            "id": 5,
+                            "frames": [limit.max_frame_bytes + 1],
+                        }
+                    ),
                     bytes(limit.max_frame_bytes + 1),
                 ],
             ),
@@ -610,7 +628,7 @@ def test_malformed_traffic_is_answered_counted_and_never_stops_the_controller(cl
         flood = _raw_client(context, cluster, "worker-2")
         flood.send_multipart(
             [
-                msgpack.packb({"v": 1, "type": "push", "id": 9, "frames": [1]}),
+                msgpack.packb({"v": PROTOCOL_VERSION, "type": "push", "id": 9, "frames": [1]}),
                 bytes(socket_max_bytes(limit) + 1),
             ]
         )

@@ -206,7 +206,7 @@ def _push_frames() -> list[bytes]:
         ([b"\xc1\x00\xff garbage"], "malformed"),  # 0xc1 is never valid msgpack
         ([_pack([1, 2, 3])], "malformed"),
         ([_pack(_header(v=_DROP))], "malformed"),
-        ([_pack(_header(v=2))], "version"),
+        ([_pack(_header(v=PROTOCOL_VERSION + 1))], "version"),
         ([_pack(_header(v="1"))], "version"),
         ([_pack(_header(v=True))], "version"),
         ([_pack(_header(type="bogus"))], "unknown-type"),

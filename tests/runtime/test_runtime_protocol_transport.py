@@ -129,7 +129,7 @@ def test_malformed_traffic_gets_an_error_reply_and_the_router_keeps_serving(zmq_
     ]
     cases = [
         ([b"random \xc1 bytes"], "malformed"),
-        ([b"\x81\xa1v\x02"], "version"),  # {"v": 2}
+        ([b"\x81\xa1v\x63"], "version"),  # {"v": 99}
         (oversized, "too-large"),
         ([encode_message(Heartbeat())[0], *([b"x"] * 9)], "too-many-frames"),
     ]

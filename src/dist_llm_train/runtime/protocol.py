@@ -81,8 +81,9 @@ __all__ = [
     "next_message_id",
 ]
 
-PROTOCOL_VERSION = 1
-"""Bumped on any incompatible change of the header or of a message's fields."""
+PROTOCOL_VERSION = 2
+"""Bumped on any incompatible change of the header or of a message's fields (2: TASK_REQUEST's ``pull`` and
+``have_version``)."""
 
 U64_MAX = 2**64 - 1
 # Model versions and token counts: int64 leaves room for any run and survives every msgpack/JSON consumer.
