@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,19 @@ def in_process(cfg: Any, tasks: int, warmup: int) -> float:
 
 
 def loopback(
-    config: Path, run_dir: Path, tasks: int, warmup: int, *, secure: bool = True
+    config: Path,
+    run_dir: Path,
+    tasks: int,
+    warmup: int,
+    *,
+    secure: bool = True,
+    worker_args: Sequence[str] = (),
+    pythonpath: str | None = None,
 ) -> tuple[float, dict[str, Any]]:
-    """Tokens/s of one worker process against a controller process, measured at the controller."""
+    """Tokens/s of one worker process against a controller process, measured at the controller.
+
+    ``worker_args``: more worker options (e.g. link shaping); ``pythonpath``: run both processes from
+    another checkout's ``src`` instead of this one."""
     run_dir.mkdir(parents=True, exist_ok=True)
     keys, allow = run_dir / "keys", run_dir / "allow"
     controller_security = ["--insecure"]
@@ -102,6 +113,8 @@ def loopback(
         ]
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     controller = subprocess.Popen(
         [
             *CLI,
@@ -130,6 +143,7 @@ def loopback(
             str(tasks),
             "--threads",
             "1",
+            *worker_args,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -141,6 +155,10 @@ def loopback(
     finally:
         controller.terminate()
         controller.wait(timeout=120)
+    if worker.returncode != 0:
+        raise SystemExit(
+            f"the worker exited with {worker.returncode} (PYTHONPATH={pythonpath or 'unchanged'})"
+        )
     pushes = [r for r in read_metrics(run_dir / "run" / "metrics.jsonl", "push") if r["accepted"]]
     kept = pushes[warmup:]
     tokens_per_task = read_metrics(run_dir / "run" / "metrics.jsonl", "summary")[-1]["coordinator"][

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,65 +26,15 @@ from rich.console import Console
 from rich.table import Table
 
 from dist_llm_train.config import config_to_yaml, load_config
-from dist_llm_train.runtime.launcher import free_port
-from dist_llm_train.telemetry import read_metrics
-from overhead import one_worker_overrides
-
-CLI = [sys.executable, "-m", "dist_llm_train.cli"]
+from overhead import loopback, one_worker_overrides
 
 
 def task_time_ms(
     config: Path, run_dir: Path, tasks: int, warmup: int, link: list[str], src: str | None
 ) -> float:
     """Mean time per task (ms) between the first kept push and the last one, measured at the controller."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if src is not None:
-        env["PYTHONPATH"] = src
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    controller = subprocess.Popen(
-        [
-            *CLI,
-            "controller",
-            "--config",
-            str(config),
-            "--bind",
-            endpoint,
-            "--run-dir",
-            str(run_dir),
-            "--insecure",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        worker = subprocess.run(
-            [
-                *CLI,
-                "worker",
-                "--controller",
-                endpoint,
-                "--insecure",
-                "--max-tasks",
-                str(tasks),
-                "--threads",
-                "1",
-                *link,
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=3600,
-            check=False,
-        )
-    finally:
-        controller.terminate()
-        controller.wait(timeout=120)
-    if worker.returncode != 0:
-        raise SystemExit(f"the worker exited with {worker.returncode} (src={src or 'this checkout'})")
-    times = [r["time"] for r in read_metrics(run_dir / "metrics.jsonl", "push") if r["accepted"]][warmup:]
-    return 1000.0 * (times[-1] - times[0]) / (len(times) - 1)
+    rate, info = loopback(config, run_dir, tasks, warmup, secure=False, worker_args=link, pythonpath=src)
+    return 1000.0 * info["tokens_per_task"] / rate
 
 
 def main() -> None:
