@@ -54,6 +54,7 @@ from dist_llm_train.models import build_model, resolve_model_shapes
 from dist_llm_train.runtime.launcher import free_port
 from dist_llm_train.runtime.security import generate_keys
 from dist_llm_train.telemetry import read_metrics
+from paired import paired_ratio, round_ratios
 
 CLI = [sys.executable, "-m", "dist_llm_train.cli"]
 
@@ -185,16 +186,6 @@ def one_worker_overrides(tasks: int) -> list[str]:
         "training.threads=1",
         "telemetry.progress=false",
     ]
-
-
-def round_ratios(runs: list[float], local: list[float]) -> list[float]:
-    """Run ``r`` of a loopback path against the in-process runs just before and after it."""
-    return [rate / ((local[r] + local[r + 1]) / 2) for r, rate in enumerate(runs)]
-
-
-def paired_ratio(runs: list[float], local: list[float]) -> float:
-    """Median over rounds of :func:`round_ratios`."""
-    return statistics.median(round_ratios(runs, local))
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ from dist_llm_train.runtime.security import (
     load_public_key,
 )
 from dist_llm_train.runtime.transport import make_dealer, make_router, router_recv, router_send
+from paired import paired_ratio, round_ratios
 
 
 def _raw_sender(endpoint: str, numel: int, messages: int, keys: str | None = None) -> None:
@@ -92,11 +93,6 @@ def _protocol_sender(endpoint: str, numel: int, messages: int, keys: str | None)
         acks += 1
     sock.close()
     ctx.term()
-
-
-def _round_ratios(runs: list[float], raw: list[float]) -> list[float]:
-    """Controller run ``r`` against the raw runs just before and after it."""
-    return [rate / ((raw[r] + raw[r + 1]) / 2) for r, rate in enumerate(runs)]
 
 
 def _rate(times: list[float], warmup: int) -> float:
@@ -211,8 +207,8 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in results.items() if v}
     # Headline: each controller run against the mean of the raw runs just before and after it, median over
     # rounds; machine speed drifts between rounds, and pooled medians would mix runs from different speeds.
-    round_ratios = _round_ratios(results["controller"], results["raw"])
-    ratio = statistics.median(round_ratios)
+    per_round = round_ratios(results["controller"], results["raw"])
+    ratio = statistics.median(per_round)
     table = Table(
         title=f"ingest of {args.numel:,}-float fp32 updates over loopback ({args.rounds} rounds, median)"
     )
@@ -228,13 +224,13 @@ def main() -> None:
         )
     Console().print(table)
     print(
-        f"controller / raw = {ratio:.2f} (paired per round: {', '.join(f'{r:.2f}' for r in round_ratios)}; "
+        f"controller / raw = {ratio:.2f} (paired per round: {', '.join(f'{r:.2f}' for r in per_round)}; "
         f"ratio of medians {medians['controller'] / medians['raw']:.2f}) (target >= 0.70): "
         f"{'met' if ratio >= 0.7 else 'MISSED'}"
     )
     curve_ratio = None
     if args.curve:
-        curve_ratio = statistics.median(_round_ratios(results["controller+curve"], results["raw+curve"]))
+        curve_ratio = paired_ratio(results["controller+curve"], results["raw+curve"])
         print(
             f"with CurveZMQ: raw+curve / raw = {medians['raw+curve'] / medians['raw']:.2f} (cost of "
             f"encryption), controller+curve / raw+curve = {curve_ratio:.2f} (the controller's share)"
@@ -247,7 +243,7 @@ def main() -> None:
             "results": results,
             "medians": medians,
             "ratio": ratio,
-            "round_ratios": round_ratios,
+            "round_ratios": per_round,
             "ratio_of_medians": medians["controller"] / medians["raw"],
             "ratio_curve_vs_raw_curve": curve_ratio,
             "target": 0.7,

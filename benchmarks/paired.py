@@ -1,0 +1,25 @@
+"""Paired ratios for interleaved benchmarks: each measured run against the baseline runs around it.
+
+The benchmarks alternate baseline and measured runs (baseline, measured, baseline, ..., baseline), so run
+``r`` of the measured path sits between baseline runs ``r`` and ``r + 1``. Comparing it with their mean,
+then taking the median over rounds, keeps the machine's drift over minutes out of the ratio, which a
+ratio of pooled medians would mix in.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+
+def round_ratios(runs: list[float], baseline: list[float]) -> list[float]:
+    """Run ``r`` against the mean of the baseline runs just before and after it (``len(runs) + 1`` of them)."""
+    if len(baseline) != len(runs) + 1:
+        raise ValueError(
+            f"{len(runs)} runs need {len(runs) + 1} baseline runs around them, got {len(baseline)}"
+        )
+    return [rate / ((baseline[r] + baseline[r + 1]) / 2) for r, rate in enumerate(runs)]
+
+
+def paired_ratio(runs: list[float], baseline: list[float]) -> float:
+    """Median over rounds of :func:`round_ratios`."""
+    return statistics.median(round_ratios(runs, baseline))
