@@ -2,16 +2,15 @@
 
 The same :class:`WorkerEngine` runs inside a real worker process and inside the simulator. Per update:
 
-1. load the pulled parameters into the local model;
+1. load the pulled parameters into the local model. With ``sync.lookahead`` λ > 0 it loads ``θ + λ·s·v``
+   instead of the pulled ``θ``: ``v`` is the parameters' per-version change between this worker's last two
+   pulls and ``s`` its recent staleness (:meth:`WorkerEngine.observe_staleness`), so the gradient is
+   computed near the parameters the update will be applied to (DANA, Hakimi et al. 2019);
 2. ``gradient`` modes (sync/async/adaptive): average the gradients of the task's micro-batches, clip them
    to ``training.grad_clip``; ``local-sgd`` (DiLoCo) and ``sync.worker_optimizer=adamw``: run
    ``sync.local_steps`` inner AdamW steps (the inner optimiser state persists across rounds) and send the
    pseudo-gradient ``θ_start − θ_end``. With ``worker_optimizer=adamw`` the inner learning rate follows
    the training schedule at the update's base version, as the server's AdamW would;
-   With ``sync.lookahead`` λ > 0 the gradient is taken at ``θ + λ·s·v`` rather than at the pulled ``θ``:
-   ``v`` is the parameters' per-version change between this worker's last two pulls and ``s`` its recent
-   staleness (:meth:`WorkerEngine.observe_staleness`), so the gradient is computed near the parameters the
-   update will be applied to (DANA, Hakimi et al. 2019). The update itself is unchanged;
 3. worker momentum (``sync.worker_momentum`` β): send ``m ← β·m + (1−β)·g`` — what makes CenteredClip and
    other robust rules hold under attack (Karimireddy et al. 2021);
 4. worker-level DP: clip the update to ``privacy.clip_norm`` (the coordinator adds the noise);

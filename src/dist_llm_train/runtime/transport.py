@@ -372,7 +372,8 @@ class LinkShaper:
 
     Messages pipelined behind another (``with_previous``) share its latency, as on a real link where
     several messages are in flight at once. The emulation is at message granularity and only on the
-    worker's side; it does not model loss or jitter. For an update of B bytes the worker is blocked ``latency + 8B/bandwidth`` seconds.
+    worker's side; it does not model loss or jitter. For an update of B bytes the worker is blocked
+    ``latency + 8B/bandwidth`` seconds.
     """
 
     def __init__(
