@@ -18,7 +18,7 @@ from dist_llm_train.coordination import (
     build_server,
     staleness_weight,
 )
-from dist_llm_train.errors import NonFiniteError, PreconditionError
+from dist_llm_train.errors import NonFiniteError, PreconditionError, UserError
 from dist_llm_train.privacy import WorkerLevelDP
 
 D = 6
@@ -221,3 +221,24 @@ def test_exclusions_name_workers_only_when_rows_are_inputs() -> None:
 
     assert run([]) == (1, 8)  # Multi-Krum keeps 3 of 12: the attacker and 8 honest inputs are left out
     assert run(["bucketing"]) == (0, 0)  # bucket rows (6 of them) are not workers: nothing is attributed
+
+
+def test_step_wait_waits_only_for_a_step_that_is_near_and_reachable_without_the_asker() -> None:
+    coord = AsyncCoordinator(
+        _server(), build_aggregator("mean"), bound=FixedBound(4), buffer_size=3, step_wait=0.25
+    )
+    assert coord.step_wait_s(2.0, in_flight=5) == 0.0  # empty buffer: the current version is fresh
+    assert coord.submit(_update("a", 0)).accepted
+    assert coord.step_wait_s(2.0, in_flight=2) == pytest.approx(0.5)  # 2 missing, 2 computing
+    assert coord.step_wait_s(2.0, in_flight=1) == 0.0  # the step needs the asker's own update
+    assert coord.step_wait_s(None, in_flight=2) == 0.0  # no measured task time yet
+    assert coord.submit(_update("b", 0)).accepted
+    assert coord.step_wait_s(4.0, in_flight=1) == pytest.approx(1.0)
+    assert coord.submit(_update("c", 0)).step is not None
+    assert coord.step_wait_s(4.0, in_flight=2) == 0.0  # the step just happened
+    off = AsyncCoordinator(_server(), build_aggregator("mean"), bound=FixedBound(4), buffer_size=3)
+    assert off.submit(_update("a", 0)).accepted and off.step_wait_s(2.0, in_flight=2) == 0.0
+    sync = SyncCoordinator(_server(), build_aggregator("mean"), quorum=3)
+    assert sync.submit(_update("a", 0)).accepted and sync.step_wait_s(2.0, in_flight=2) == 0.0
+    with pytest.raises(UserError, match="step_wait"):
+        AsyncCoordinator(_server(), build_aggregator("mean"), bound=FixedBound(4), step_wait=1.5)

@@ -420,6 +420,77 @@ def test_sync_straggler_timeout_steps_with_what_arrived(cache: Path, data: Prepa
     assert h.core.version == 1 and h.core.straggler_timeouts == 1
 
 
+def _step_wait_harness(cache: Path, data: PreparedData) -> tuple[Harness, TaskAssign]:
+    """Async, buffer 2, two workers, ``sync.step_wait=0.5``: both get a task, "a" pushes after 2 s."""
+    cfg = _config(
+        cache,
+        sync={"mode": "async", "buffer_size": 2, "step_wait": 0.5},
+        cluster={"workers": 2},
+        scheduling={"failure_timeout_s": 100.0, "lease_s": 100.0},
+    )
+    h = Harness(cfg, data)
+    h.register("a")
+    h.register("b")
+    first, second = h.task("a"), h.task("b")
+    h.clock.advance(2.0)
+    assert h.push("a", first, _grad(h.numel, 1)).accepted
+    return h, second
+
+
+def test_step_wait_serves_the_request_with_the_version_its_peer_completes(
+    cache: Path, data: PreparedData
+) -> None:
+    h, second = _step_wait_harness(cache, data)
+    # "b" is computing the update that fills the buffer: "a" waits for that step instead of computing
+    # on version 0, which the step is about to retire.
+    assert h.send("a", TaskRequest(pull=True, have_version=0)) == []
+    h.clock.advance(0.3)
+    assert h.core.tick() == []
+    out = h.send(
+        "b",
+        Push(base_version=0, lease_id=second.lease_id, task_id=second.task_id, tokens=1, loss=1.0),
+        NoneCodec().encode(_grad(h.numel, 2)),
+    )
+    to_a = [o.message for o in out if o.worker_id == "a"]
+    assert h.core.version == 1
+    assert [type(m) for m in to_a] == [TaskAssign, Params]
+    assert to_a[0].version == 1 and to_a[1].version == 1
+    assert h.core.step_waits == 1 and h.core.step_wait_timeouts == 0
+
+
+def test_step_wait_runs_out_and_serves_the_current_version(cache: Path, data: PreparedData) -> None:
+    h, _ = _step_wait_harness(cache, data)
+    assert h.send("a", TaskRequest()) == []
+    h.clock.advance(0.99)  # the wait is half of "a"'s measured 2 s task time
+    assert h.core.tick() == []
+    h.clock.advance(0.01)
+    out = h.core.tick()
+    assert len(out) == 1 and isinstance(out[0].message, TaskAssign) and out[0].message.version == 0
+    assert h.core.step_wait_timeouts == 1
+    snap = h.core.snapshot()
+    assert snap["step_waits"] == {"parked": 1, "timed_out": 1}
+    assert summarize_snapshot(snap, source="x")["step_waits"] == {"parked": 1, "timed_out": 1}
+
+
+def test_step_wait_never_waits_for_a_step_that_needs_the_asker(cache: Path, data: PreparedData) -> None:
+    cfg = _config(
+        cache,
+        sync={"mode": "async", "buffer_size": 3, "step_wait": 0.5},
+        cluster={"workers": 2},
+        scheduling={"failure_timeout_s": 100.0, "lease_s": 100.0},
+    )
+    h = Harness(cfg, data)
+    h.register("a")
+    h.register("b")
+    first = h.task("a")
+    h.task("b")
+    h.clock.advance(2.0)
+    assert h.push("a", first, _grad(h.numel, 1)).accepted
+    # 2 updates missing, 1 in flight: the step cannot come without "a", which is served at once.
+    assert isinstance(h.one("a", TaskRequest()), TaskAssign)
+    assert h.core.step_waits == 0
+
+
 def test_parked_request_times_out_with_no_task(cache: Path, data: PreparedData) -> None:
     cfg = _config(
         cache,

@@ -180,6 +180,43 @@ def test_sync_straggler_timeout_steps_without_the_slowest(
     assert slow.accepted == 0 and slow.rejected.get("stale-round", 0) >= 1
 
 
+def test_step_wait_gives_workers_of_similar_speed_fresh_parameters(
+    sim_cfg: CfgFactory, sim_data: PreparedData
+) -> None:
+    # 4 workers of one speed (+-10%) and a buffer of 4: without waiting, the first three to push each
+    # compute their next update on a version the fourth push retires.
+    topo = _topo(_lan("w", count=4, speed_jitter=0.1))
+    base = ("sync.buffer_size=4", "training.max_steps=8")
+    _, eager = _run(sim_cfg(*base), topo, sim_data, base_tokens_per_s=TASK_TOKENS, eval_every=50)
+    _, waiting = _run(
+        sim_cfg(*base, "sync.step_wait=0.25"), topo, sim_data, base_tokens_per_s=TASK_TOKENS, eval_every=50
+    )
+    assert eager.step_waits == 0 and eager.staleness_percentiles["p50"] >= 1
+    assert waiting.server_steps == eager.server_steps == 8
+    # A worker's task time is measured from its first result on, so the first three pushes of every round
+    # wait: all 32 updates are fresh, for workers idle about 5% of the time (the spread of task times).
+    assert waiting.step_waits == 3 * 8 and waiting.step_wait_timeouts == 0
+    assert waiting.staleness == {0: 32}
+    assert 0.0 < waiting.step_wait_s < 0.1 * 4 * waiting.virtual_s
+
+
+def test_step_wait_runs_out_when_a_peer_never_pushes(sim_cfg: CfgFactory, sim_data: PreparedData) -> None:
+    cfg = sim_cfg(
+        "sync.buffer_size=3",
+        "sync.step_wait=0.5",
+        "training.max_steps=6",
+        "scheduling.heartbeat_interval_s=1",
+        "scheduling.failure_timeout_s=1000",
+        "scheduling.lease_s=100",
+    )
+    # "dies" holds its lease for 100 s: the others' waits for a step it would complete all run out.
+    topo = _topo(_lan("ok", count=3), _lan("dies", crash=[{"at_s": 1.5}]))
+    _, report = _run(cfg, topo, sim_data, base_tokens_per_s=TASK_TOKENS, eval_every=50)
+    assert report.server_steps == 6 and report.stop_reason == "max-steps"
+    assert report.step_wait_timeouts >= 1
+    assert report.virtual_s < 20.0  # bounded waits, never a barrier on the lost worker
+
+
 def test_sync_without_timeout_waits_and_reports_a_stall(sim_cfg: CfgFactory, sim_data: PreparedData) -> None:
     cfg = sim_cfg("sync.mode=sync", "training.max_steps=5")
     topo = _topo(_lan("ok"), _lan("dies", crash=[{"at_s": 0.5}]))

@@ -147,7 +147,9 @@ class SyncConfig(Section):
     ``max_staleness``; loss noisy or diverging under asynchrony → smaller ``max_staleness``, the ``inverse``
     policy, or a larger ``buffer_size``; sync rounds waiting on one slow worker → ``quorum`` below the
     worker count with a ``straggler_timeout_s``; asynchronous runs converging behind the synchronous one
-    although few updates are rejected → ``lookahead`` 1 (gradients computed where the update will land).
+    although few updates are rejected → ``lookahead`` 1 (gradients computed where the update will land);
+    staleness p50 of 1 or more with workers of similar speed and a ``buffer_size`` near their count →
+    ``step_wait`` (a worker waits briefly for the step its peers are about to complete).
     """
 
     mode: Literal["sync", "async", "adaptive", "local-sgd"] = "sync"
@@ -187,6 +189,17 @@ class SyncConfig(Section):
             "async/adaptive: compute each gradient at θ + lookahead · s · v, where v is the parameters' "
             "last per-version change and s the worker's recent staleness (DANA-style delay compensation); "
             "0 turns it off, 1 aims at the version the update will meet"
+        ),
+    )
+    step_wait: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "async/adaptive: a worker asking for a task while the buffer is part-filled, and the workers "
+            "still computing can fill it, waits up to this fraction of its mean task time for that step, "
+            "so its gradient starts from the new version; 0 hands out the current version at once "
+            "(the controller caps a wait at 10 s, below the workers' reply timeout)"
         ),
     )
     history: int = Field(default=64, ge=1, description="parameter versions kept for deltas and staleness")

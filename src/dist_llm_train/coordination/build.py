@@ -103,4 +103,6 @@ def build_coordinator(
     if sc.mode in ("sync", "local-sgd"):
         return SyncCoordinator(server, aggregator, quorum=per_step, **common)
     bound = build_bound(sc.mode, sc.max_staleness, sc.adaptive_max_staleness, sc.adaptive_margin)
-    return AsyncCoordinator(server, aggregator, bound=bound, buffer_size=sc.buffer_size, **common)
+    return AsyncCoordinator(
+        server, aggregator, bound=bound, buffer_size=sc.buffer_size, step_wait=sc.step_wait, **common
+    )

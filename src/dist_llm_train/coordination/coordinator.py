@@ -173,6 +173,15 @@ class Coordinator(ABC):
         """A worker left: drop its buffered update (sync) and what is known about it."""
         self._buffer = [(u, w) for u, w in self._buffer if u.worker_id != worker_id]
 
+    def step_wait_s(self, mean_task_s: float | None, in_flight: int) -> float:
+        """Seconds a worker asking for a task now should wait for the next step (0: serve it at once).
+
+        ``mean_task_s``: the asking worker's measured mean task time (``None`` before its first result);
+        ``in_flight``: tasks other workers are computing. Only asynchronous coordinators ever wait.
+        """
+        del mean_task_s, in_flight
+        return 0.0
+
     # ---------------------------------------------------------------- driving
     @property
     def version(self) -> int:
@@ -320,11 +329,15 @@ class AsyncCoordinator(Coordinator):
         *,
         bound: StalenessBound,
         buffer_size: int = 1,
+        step_wait: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(server, aggregator, **kwargs)
         self.bound = bound
         self.buffer_size = buffer_size
+        if not 0.0 <= step_wait <= 1.0:
+            raise UserError(f"step_wait must be a fraction of a task time in [0, 1], got {step_wait}")
+        self.step_wait = step_wait
         if isinstance(bound, AdaptiveBound):
             self.mode = "adaptive"
 
@@ -338,6 +351,22 @@ class AsyncCoordinator(Coordinator):
 
     def _ready(self) -> bool:
         return len(self._buffer) >= self.buffer_size
+
+    def step_wait_s(self, mean_task_s: float | None, in_flight: int) -> float:
+        """Wait for a step that is near and that other workers can complete.
+
+        With a buffer of b updates, a worker served while the buffer is part-filled computes on a version
+        that the next step retires: its update arrives at least one version stale. When the workers still
+        computing can fill the buffer without it, the step is coming anyway, so it is worth waiting up to
+        ``step_wait`` of a task for it; the wait is bounded so that a slow or lost peer costs little.
+        With an empty buffer the current version is the freshest there will be for a while; with more
+        updates missing than tasks in flight the step needs this worker's update: both serve at once.
+        """
+        if self.step_wait <= 0.0 or mean_task_s is None or self.buffered == 0:
+            return 0.0
+        if self.buffer_size - self.buffered > in_flight:
+            return 0.0
+        return self.step_wait * mean_task_s
 
     def forget(self, worker_id: str) -> None:
         super().forget(worker_id)

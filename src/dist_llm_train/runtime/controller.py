@@ -133,6 +133,9 @@ parameters in fp32 and deltas in int8 (4x smaller than fp32 deltas, with error `
 _PARK_S = 1.0
 # Retry hint in NO_TASK replies.
 _RETRY_S = 0.05
+# A step wait parks the worker's TASK_REQUEST; it must end well before the worker's reply timeout (30 s by
+# default) or the worker would take the silence for a lost controller.
+_STEP_WAIT_CAP_S = 10.0
 # Protocol errors logged per code before logging only every 100th (a flood must not fill the disk).
 _LOG_FIRST = 20
 _MAX_UNREGISTERED_CONTACTS = 4096
@@ -340,6 +343,10 @@ class ControllerCore:
         # from since): they get SHUTDOWN too at the end, or they would keep trying to re-register.
         self._unregistered_contacts: OrderedDict[str, bytes] = OrderedDict()
         self._contributed: dict[str, int] = {}
+        # sync.step_wait: worker -> (version it waits to see retired, deadline of the wait).
+        self._step_waiting: dict[str, tuple[int, float]] = {}
+        self.step_waits = 0
+        self.step_wait_timeouts = 0
         self._round_started = clock.now()
         self._dirty = False
         self._full_cache: tuple[int, Encoded] | None = None
@@ -364,6 +371,8 @@ class ControllerCore:
             "evictions": dict(self.evictions),
             "excluded_by_worker": dict(self.excluded_by_worker),
             "straggler_timeouts": self.straggler_timeouts,
+            "step_waits": self.step_waits,
+            "step_wait_timeouts": self.step_wait_timeouts,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "bytes_by_worker": {k: list(v) for k, v in self.bytes_by_worker.items()},
@@ -389,6 +398,8 @@ class ControllerCore:
             {str(k): int(v) for k, v in (state.get("excluded_by_worker") or {}).items()}
         )
         self.straggler_timeouts = int(state.get("straggler_timeouts", 0))
+        self.step_waits = int(state.get("step_waits", 0))
+        self.step_wait_timeouts = int(state.get("step_wait_timeouts", 0))
         self.bytes_up = int(state.get("bytes_up", 0))
         self.bytes_down = int(state.get("bytes_down", 0))
         self.bytes_by_worker = {
@@ -570,6 +581,7 @@ class ControllerCore:
         self.workers.pop(worker_id, None)
         self._waiters.pop(worker_id, None)
         self._contributed.pop(worker_id, None)
+        self._step_waiting.pop(worker_id, None)
         self.evictions[reason] += 1
         self._dirty = True
         self.emit("evict", worker_id=worker_id, reason=reason, detail=detail, requeued=len(tasks))
@@ -610,8 +622,37 @@ class ControllerCore:
         )
 
     def _blocked(self, worker_id: str) -> bool:
-        """Sync modes: a worker whose update is in the current round waits for the next version."""
-        return self.sync_like and self._contributed.get(worker_id) == self.version
+        """Whether a worker's task request waits for the next version.
+
+        Sync modes: its update is in the current round. Async with ``sync.step_wait``: it waits, until the
+        wait's deadline, for the step the workers still computing are about to complete.
+        """
+        if self.sync_like:
+            return self._contributed.get(worker_id) == self.version
+        waiting = self._step_waiting.get(worker_id)
+        return waiting is not None and waiting[0] == self.version and self.clock.now() < waiting[1]
+
+    def _start_step_wait(self, worker_id: str) -> float:
+        """Park a request for an imminent step when the coordinator says so; returns the wait (0: none)."""
+        if self.sync_like:
+            return 0.0
+        wait = self.coordinator.step_wait_s(self.tracker.mean_duration(worker_id), len(self.leases))
+        wait = min(wait, _STEP_WAIT_CAP_S)
+        if wait > 0.0:
+            self._step_waiting[worker_id] = (self.version, self.clock.now() + wait)
+            self.step_waits += 1
+        return wait
+
+    def _end_step_waits(self) -> None:
+        """Forget waits the step ended; a wait that ran out lets its worker be served at the old version."""
+        now = self.clock.now()
+        for wid, (version, deadline) in list(self._step_waiting.items()):
+            if version != self.version:
+                del self._step_waiting[wid]
+            elif now >= deadline:
+                del self._step_waiting[wid]
+                self.step_wait_timeouts += 1
+                self._dirty = True
 
     def _assign(self, worker_ids: Sequence[str]) -> dict[str, list[Lease]]:
         self._expire()
@@ -655,11 +696,12 @@ class ControllerCore:
             self.requeued += len(tasks)
             for task in tasks:
                 self.emit("lease", kind="release", task_id=task.task_id, worker_id=wid, reason="abandoned")
+        wait = self._start_step_wait(wid)
         if not self._blocked(wid):
             granted = self._assign([wid]).get(wid)
             if granted:
                 return self._grant(record, inbound.routing_id, msg, granted)
-        self._waiters[wid] = _Waiter(inbound.routing_id, msg, self.clock.now() + _PARK_S)
+        self._waiters[wid] = _Waiter(inbound.routing_id, msg, self.clock.now() + max(_PARK_S, wait))
         return []
 
     def _grant(
@@ -676,6 +718,7 @@ class ControllerCore:
 
     def _serve_waiters(self) -> list[Outgoing]:
         out: list[Outgoing] = []
+        self._end_step_waits()
         if not self._waiters:
             return out
         if self.finished or self.version >= self.max_steps:
@@ -949,6 +992,7 @@ class ControllerCore:
             },
             "evictions": dict(self.evictions),
             "straggler_timeouts": self.straggler_timeouts,
+            "step_waits": {"parked": self.step_waits, "timed_out": self.step_wait_timeouts},
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "workers": workers,

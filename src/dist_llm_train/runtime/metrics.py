@@ -320,6 +320,8 @@ def summarize_snapshot(
             },
             **staleness_percentiles(coord.get("staleness", {})),
         },
+        # sync.step_wait: task requests parked for an imminent step, and those whose wait ran out first.
+        "step_waits": {k: int(v) for k, v in (snap.get("step_waits") or {}).items()},
         "bytes": {
             "up": int(snap.get("bytes_up", 0)),
             "down": int(snap.get("bytes_down", 0)),
@@ -483,6 +485,11 @@ def render_summary(summary: Mapping[str, Any], console: Console) -> None:
         "staleness mean / p50 / p90 / max",
         " / ".join(_fmt(st[k], 2) if k == "mean" else _fmt(st[k], 0) for k in ("mean", "p50", "p90", "max")),
     )
+    waits = summary.get("step_waits") or {}
+    if waits.get("parked"):
+        updates.add_row(
+            "step waits: parked / ran out", f"{_fmt(waits['parked'])} / {_fmt(waits['timed_out'])}"
+        )
     for reason, n in summary.get("evictions", {}).items():
         updates.add_row(f"workers removed: {reason}", _fmt(n))
     console.print(updates)

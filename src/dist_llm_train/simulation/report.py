@@ -175,6 +175,11 @@ class SimulationReport:
     leases: LeaseReport
     workers: list[WorkerReport]
     events: int
+    #: ``sync.step_wait``: requests parked for an imminent step, how many of those waits ran out before the
+    #: step came, and the virtual seconds workers spent parked.
+    step_waits: int = 0
+    step_wait_timeouts: int = 0
+    step_wait_s: float = 0.0
     wall_s: float = 0.0
 
     def to_dict(self, *, include_wall: bool = True) -> dict[str, Any]:

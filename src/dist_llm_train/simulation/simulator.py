@@ -312,6 +312,11 @@ class Simulation:
         self._contributed: dict[str, int] = {}
         self._barrier: dict[str, None] = {}
         self._task_waiters: dict[str, None] = {}
+        # sync.step_wait: worker -> (version it waits to see retired, virtual time it started waiting).
+        self._step_waiting: dict[str, tuple[int, float]] = {}
+        self._step_waits = 0
+        self._step_wait_timeouts = 0
+        self._step_wait_s = 0.0
         self._dropped_requests: dict[str, None] = {}
         self._straggler_timeouts = 0
         self._history: list[EvalPoint] = []
@@ -617,6 +622,22 @@ class Simulation:
         if self._sync_like and self._contributed.get(w.name) == self.server.version:
             self._barrier[w.name] = None
             return
+        wait = self.coordinator.step_wait_s(self.tracker.mean_duration(w.name), len(self.leases))
+        if wait > 0.0:
+            version = self.server.version
+            self._step_waiting[w.name] = (version, self.clock.now())
+            self._step_waits += 1
+            self.engine.after(wait, self._on_step_wait_over, w, version)
+            return
+        self._assign([w])
+
+    def _on_step_wait_over(self, w: _Worker, version: int) -> None:
+        waiting = self._step_waiting.get(w.name)
+        if self._stop_reason is not None or waiting is None or waiting[0] != version:
+            return  # the step came first (or the worker left)
+        self._step_wait_timeouts += 1
+        self._step_wait_s += self.clock.now() - waiting[1]
+        del self._step_waiting[w.name]
         self._assign([w])
 
     def _release(self, w: _Worker) -> None:
@@ -731,6 +752,11 @@ class Simulation:
             return
         waiting = [self._by_name[name] for name in self._barrier]
         self._barrier.clear()
+        now = self.clock.now()
+        for name, (_, since) in self._step_waiting.items():
+            self._step_wait_s += now - since
+            waiting.append(self._by_name[name])
+        self._step_waiting.clear()
         if waiting:
             self._assign(waiting)
         self._arm_straggler_timer()
@@ -809,9 +835,10 @@ class Simulation:
         self._release(w)
         self.tracker.forget(w.name)
         self._contributed.pop(w.name, None)
-        if w.name in self._barrier or w.name in self._task_waiters:
+        if w.name in self._barrier or w.name in self._task_waiters or w.name in self._step_waiting:
             self._dropped_requests[w.name] = None
         self._barrier.pop(w.name, None)
+        self._step_waiting.pop(w.name, None)
         self._task_waiters.pop(w.name, None)
         w.report.evictions += 1
 
@@ -883,6 +910,9 @@ class Simulation:
             server_steps=self.server.version,
             noop_steps=stats.noop_steps,
             straggler_timeouts=self._straggler_timeouts,
+            step_waits=self._step_waits,
+            step_wait_timeouts=self._step_wait_timeouts,
+            step_wait_s=self._step_wait_s,
             tokens=stats.tokens,
             target_loss=self.target_loss,
             time_to_target_s=self._time_to_target,
