@@ -17,10 +17,8 @@ import pytest
 from dist_llm_train.validation import compare_results, run_validation
 from dist_llm_train.validation.presets import BYZANTINE_DEFENCE, BYZANTINE_DEFENCE_MARGIN
 
-# gpt2-wikitext small: measured perplexity ratio 1.163 (distributed 4.576 vs baseline 4.426 nats/token).
-# The criterion is <= 1.10 and is MISSED at this scale (see docs/VALIDATION.md); this bound keeps
-# the known gap from growing unnoticed.
-GPT2_PERPLEXITY_RATIO_BOUND = 1.20
+# gpt2-wikitext small, seed 1337: measured perplexity ratio 1.075 (distributed 4.4979 vs baseline 4.4255
+# nats/token); the criterion is <= 1.10.
 
 # The reduced matrix: the clean baseline, a divergent attack (scaling x1000) against the mean, the
 # recommended defence and Krum, and the defence under ALIE (the in-distribution attack built to beat it).
@@ -47,7 +45,7 @@ def gpt2_small(shared_data: Path, session_cache_dir: Path, tmp_path_factory: pyt
     )
 
 
-def test_gpt2_wikitext_small_meets_the_traffic_acceptance_and_stability_criteria(gpt2_small: Any) -> None:
+def test_gpt2_wikitext_small_meets_every_criterion(gpt2_small: Any) -> None:
     verdicts = {c.name: c for c in gpt2_small.criteria}
     assert set(verdicts) == {
         "perplexity vs baseline",
@@ -60,7 +58,7 @@ def test_gpt2_wikitext_small_meets_the_traffic_acceptance_and_stability_criteria
     assert verdicts["acceptance"].passed and verdicts["acceptance"].value >= 0.80
     assert verdicts["no divergence"].passed
     ratio = verdicts["perplexity vs baseline"].value
-    assert ratio is not None and ratio <= GPT2_PERPLEXITY_RATIO_BOUND
+    assert verdicts["perplexity vs baseline"].passed and ratio is not None and ratio <= 1.10
     # Both arms learned: well below the untrained loss (ln 1024 = 6.93 for a uniform guess).
     for arm in gpt2_small.arms.values():
         assert arm["final_val_loss"] < arm["initial_val_loss"] - 1.5

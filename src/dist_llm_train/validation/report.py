@@ -278,7 +278,12 @@ def _plots(result: Any, out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append(f"plots/{fname}")
 
-    async_arms = {n: m for n, m in lines.items() if len(m.get("staleness") or {}) > 1}
+    # Every asynchronous arm, even one whose updates all arrived fresh (a bar at 0 says so).
+    async_arms = {
+        n: m
+        for n, m in lines.items()
+        if m.get("mode") in ("async", "adaptive") or len(m.get("staleness") or {}) > 1
+    }
     if async_arms:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         width = 0.8 / len(async_arms)
@@ -286,6 +291,10 @@ def _plots(result: Any, out_dir: Path) -> list[str]:
             hist = {int(k): v for k, v in m["staleness"].items()}
             total = sum(hist.values())
             ax.bar([k + i * width for k in hist], [v / total for v in hist.values()], width=width, label=name)
+        # Integer ticks over at least 0..3, so that an arm whose updates are all fresh shows as one bar at 0.
+        top = max([3, *(int(k) for m in async_arms.values() for k in m["staleness"])])
+        ax.set_xticks(range(top + 1))
+        ax.set_xlim(-0.5, top + 0.5)
         ax.set_xlabel("staleness (versions behind at arrival)")
         ax.set_ylabel("share of updates")
         ax.legend(fontsize=7)
