@@ -420,11 +420,11 @@ def test_sync_straggler_timeout_steps_with_what_arrived(cache: Path, data: Prepa
     assert h.core.version == 1 and h.core.straggler_timeouts == 1
 
 
-def _step_wait_harness(cache: Path, data: PreparedData) -> tuple[Harness, TaskAssign]:
-    """Async, buffer 2, two workers, ``sync.step_wait=0.5``: both get a task, "a" pushes after 2 s."""
+def _step_wait_harness(cache: Path, data: PreparedData, buffer_size: int = 2) -> tuple[Harness, TaskAssign]:
+    """Async, two workers, ``sync.step_wait=0.5``: both get a task, "a" pushes after 2 s."""
     cfg = _config(
         cache,
-        sync={"mode": "async", "buffer_size": 2, "step_wait": 0.5},
+        sync={"mode": "async", "buffer_size": buffer_size, "step_wait": 0.5},
         cluster={"workers": 2},
         scheduling={"failure_timeout_s": 100.0, "lease_s": 100.0},
     )
@@ -473,19 +473,7 @@ def test_step_wait_runs_out_and_serves_the_current_version(cache: Path, data: Pr
 
 
 def test_step_wait_never_waits_for_a_step_that_needs_the_asker(cache: Path, data: PreparedData) -> None:
-    cfg = _config(
-        cache,
-        sync={"mode": "async", "buffer_size": 3, "step_wait": 0.5},
-        cluster={"workers": 2},
-        scheduling={"failure_timeout_s": 100.0, "lease_s": 100.0},
-    )
-    h = Harness(cfg, data)
-    h.register("a")
-    h.register("b")
-    first = h.task("a")
-    h.task("b")
-    h.clock.advance(2.0)
-    assert h.push("a", first, _grad(h.numel, 1)).accepted
+    h, _ = _step_wait_harness(cache, data, buffer_size=3)
     # 2 updates missing, 1 in flight: the step cannot come without "a", which is served at once.
     assert isinstance(h.one("a", TaskRequest()), TaskAssign)
     assert h.core.step_waits == 0
