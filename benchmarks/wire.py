@@ -13,7 +13,7 @@ Both sides run in the same invocation, alternating rounds, so machine load hits 
   (*raw+curve*: PUSH/PULL of the raw bytes over an encrypted connection, the ceiling of an encrypted link),
   which separates the cost of encryption (raw+curve vs raw) from the controller's own work on an encrypted
   link (controller+curve vs raw+curve). ``--ablate-check`` adds *controller-no-check*: the controller path
-without the finiteness reduction, to show what share of the gap that one pass over the payload is.
+  without the finiteness reduction, to show what share of the gap that one pass over the payload is.
 
 Rates are updates per second between the first and the last update received (the first ``--warmup``
 updates excluded). Each controller run is compared with the mean of the raw runs just before and after it
