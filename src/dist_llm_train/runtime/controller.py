@@ -634,8 +634,6 @@ class ControllerCore:
 
     def _start_step_wait(self, worker_id: str) -> float:
         """Park a request for an imminent step when the coordinator says so; returns the wait (0: none)."""
-        if self.sync_like:
-            return 0.0
         wait = self.coordinator.step_wait_s(self.tracker.mean_duration(worker_id), len(self.leases))
         wait = min(wait, _STEP_WAIT_CAP_S)
         if wait > 0.0:
