@@ -86,8 +86,13 @@ def _protocol_sender(endpoint: str, numel: int, messages: int, keys: str | None)
     for i in range(messages):
         push = Push(base_version=0, lease_id=i, task_id=i, tokens=1, loss=1.0)
         sock.send_multipart(encode_message(push, payload), copy=False)
-        while sock.poll(0):  # drain acknowledgements as they come, as a worker would
-            sock.recv_multipart()
+        # Drain acknowledgements as they come, as a worker does: a non-blocking receive until none is queued
+        # (socket.poll would build a Poller per call, which the worker's receive path avoids too).
+        while True:
+            try:
+                sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
             acks += 1
     while acks < messages and sock.poll(30_000):
         sock.recv_multipart()

@@ -100,6 +100,22 @@ def test_send_to_gone_peer_reports_instead_of_vanishing(zmq_context: zmq.Context
     assert router_send(router, inbound.routing_id, Shutdown()) is not None
 
 
+def test_each_receive_gets_its_own_timeout(zmq_context: zmq.Context) -> None:
+    # Receives wait inside libzmq (RCVTIMEO), which is socket state: a call must never inherit the
+    # timeout of the call before it.
+    router, dealer, _ = _pair(zmq_context)
+    assert router_recv(router, LIMITS, timeout_s=0.01) is None  # nothing queued: runs out
+    assert router.getsockopt(zmq.RCVTIMEO) == 10
+    assert router_recv(router, LIMITS, timeout_s=0) is None  # non-blocking: leaves the option alone
+    assert router.getsockopt(zmq.RCVTIMEO) == 10
+    dealer_send(dealer, Heartbeat())
+    inbound = router_recv(router, LIMITS)  # no timeout: blocks until the message is there
+    assert inbound is not None and isinstance(inbound.message, Heartbeat)
+    assert router.getsockopt(zmq.RCVTIMEO) == -1
+    assert router_recv(router, LIMITS, timeout_s=0.02) is None
+    assert router.getsockopt(zmq.RCVTIMEO) == 20
+
+
 def test_handover_reconnect_keeps_identity(zmq_context: zmq.Context) -> None:
     router, first, endpoint = _pair(zmq_context, routing_id=b"worker-7")
     dealer_send(first, Heartbeat())
