@@ -227,7 +227,8 @@ def _wait(socket: zmq.Socket, event: int, timeout_s: float | None) -> bool:
     return bool(socket.poll(max(0, round(timeout_s * 1000)), event))
 
 
-# The RCVTIMEO each socket was last given, so a receive sets the option only when its timeout changes.
+# The RCVTIMEO each socket was last given by _recv_parts (nothing else sets it), so a receive sets the
+# option only when its timeout changes.
 _receive_timeouts: weakref.WeakKeyDictionary[zmq.Socket, int] = weakref.WeakKeyDictionary()
 
 
