@@ -17,9 +17,6 @@ import pytest
 from dist_llm_train.validation import compare_results, run_validation
 from dist_llm_train.validation.presets import BYZANTINE_DEFENCE, BYZANTINE_DEFENCE_MARGIN
 
-# gpt2-wikitext small, seed 1337: measured perplexity ratio 1.075 (distributed 4.4979 vs baseline 4.4255
-# nats/token); the criterion is <= 1.10.
-
 # The reduced matrix: the clean baseline, a divergent attack (scaling x1000) against the mean, the
 # recommended defence and Krum, and the defence under ALIE (the in-distribution attack built to beat it).
 BYZANTINE_REDUCED = [
@@ -57,6 +54,7 @@ def test_gpt2_wikitext_small_meets_every_criterion(gpt2_small: Any) -> None:
     assert verdicts["update traffic reduction"].value >= 10.0
     assert verdicts["acceptance"].passed and verdicts["acceptance"].value >= 0.80
     assert verdicts["no divergence"].passed
+    # Measured at seed 1337: 1.075 (distributed 4.4979 vs baseline 4.4255 nats/token); the criterion is 1.10.
     ratio = verdicts["perplexity vs baseline"].value
     assert verdicts["perplexity vs baseline"].passed and ratio is not None and ratio <= 1.10
     # Both arms learned: well below the untrained loss (ln 1024 = 6.93 for a uniform guess).
