@@ -65,6 +65,57 @@ def test_server_rejects_bad_updates_and_restores_state() -> None:
     assert torch.equal(other.params, server.params)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "nesterov"])
+def test_server_steps_match_the_per_tensor_torch_optimizer(optimizer: str) -> None:
+    # The server runs torch's fused kernels; the result must be the textbook optimiser's up to rounding,
+    # and the update the caller passed must stay the caller's (the server copies it into its own buffer).
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(1000, generator=gen)
+    server = ParameterServer(start, optimizer=optimizer, lr=0.05, momentum=0.9, weight_decay=0.01)  # type: ignore[arg-type]
+    reference = torch.nn.Parameter(start.clone())
+    if optimizer == "adamw":
+        ref_opt: torch.optim.Optimizer = torch.optim.AdamW(
+            [reference], lr=0.05, betas=(0.9, 0.99), weight_decay=0.01, foreach=False
+        )
+    else:
+        ref_opt = torch.optim.SGD(
+            [reference],
+            lr=0.05,
+            momentum=0.9,
+            nesterov=optimizer == "nesterov",
+            weight_decay=0.01,
+            foreach=False,
+        )
+    assert server._optimizer.defaults["fused"]
+    for _ in range(30):
+        sparse = torch.randn(1000, generator=gen) * (torch.rand(1000, generator=gen) < 0.1)
+        kept = sparse.clone()
+        server.apply(sparse)
+        assert torch.equal(sparse, kept)
+        sparse.fill_(1e6)  # the caller reuses its buffer: the server must not see it
+        reference.grad = kept
+        ref_opt.step()
+    torch.testing.assert_close(server.params, reference.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_server_loads_the_state_of_a_per_tensor_optimizer() -> None:
+    # Checkpoints written before the server used fused kernels hold the per-tensor optimiser's state.
+    server = _server("adamw", lr=0.1)
+    legacy = torch.nn.Parameter(torch.zeros(D))
+    legacy_opt = torch.optim.AdamW([legacy], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0, foreach=False)
+    for _ in range(3):
+        legacy.grad = torch.ones(D)
+        legacy_opt.step()
+    server.load_state_dict(
+        {"params": legacy.detach().clone(), "version": 3, "optimizer": legacy_opt.state_dict()}
+    )
+    legacy.grad = torch.ones(D)
+    legacy_opt.step()
+    server.apply(torch.ones(D))
+    assert server.version == 4
+    torch.testing.assert_close(server.params, legacy.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_empty_buffer_step_is_a_reported_noop() -> None:
     server = _server()
     coord = AsyncCoordinator(server, build_aggregator("mean"), bound=FixedBound(2), buffer_size=3)
