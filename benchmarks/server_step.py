@@ -64,9 +64,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--numel", type=int, default=842_496, help="parameters (gpt-tiny has 842,496)")
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement (after as many warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=60, help="timed steps per measurement (after as many warm-up)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median ratio)")
-    parser.add_argument("--density", type=float, default=0.05, help="share of non-zero coordinates per update")
+    parser.add_argument(
+        "--density", type=float, default=0.05, help="share of non-zero coordinates per update"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the controller uses 1)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -79,7 +83,13 @@ def main() -> None:
                 runs[kind].append(ms_per_step(optimizer, kind, args.numel, args.steps, args.density, seed=r))
         results[optimizer] = runs
     table = Table(title=f"server step, {args.numel:,} fp32 parameters, {args.density:.0%} dense updates")
-    for column in ("optimizer", "per-tensor ms (median)", "fused ms (median)", "per-tensor / fused", "per round"):
+    for column in (
+        "optimizer",
+        "per-tensor ms (median)",
+        "fused ms (median)",
+        "per-tensor / fused",
+        "per round",
+    ):
         table.add_column(column, justify="left" if column == "optimizer" else "right")
     summary = {}
     for optimizer, runs in results.items():

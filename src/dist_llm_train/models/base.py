@@ -237,7 +237,7 @@ class LanguageModel(nn.Module, abc.ABC):
 
         Biases and LayerNorm gains are not decayed: shrinking them towards zero only fights the
         normalisation. On ``cuda`` and ``cpu`` the fused kernel does the step (one pass over all parameters, no
-        temporaries; on a CPU ~5x faster than the per-tensor loop).
+        temporaries; on a CPU several times faster than the per-tensor loop, see benchmarks/server_step.py).
         If training diverges late, lower ``lr`` before raising ``weight_decay``.
         """
         decay: list[nn.Parameter] = []
