@@ -22,10 +22,9 @@ import torch
 
 from dist_llm_train.coordination.flat import all_finite
 from dist_llm_train.errors import NonFiniteError, PreconditionError
+from dist_llm_train.models.base import FUSED_OPTIMIZER_DEVICES
 
 ServerOptimizer = Literal["sgd", "nesterov", "adamw"]
-# Devices with fused AdamW and SGD kernels in torch >= 2.4.
-_FUSED_DEVICES = ("cpu", "cuda")
 
 
 class ParameterServer:
@@ -61,7 +60,7 @@ class ParameterServer:
         # Fused kernels do a step in one pass without full-size temporaries. On top-k-like sparse updates
         # AdamW's is 13x faster than the per-tensor loop on a CPU (1.4 ms against 20.6 ms at 0.84M
         # parameters, benchmarks/server_step.py): the loop's sqrt of subnormal second moments is slow.
-        fused = self._param.device.type in _FUSED_DEVICES
+        fused = self._param.device.type in FUSED_OPTIMIZER_DEVICES
         self.optimizer_name = optimizer
         self.lr_schedule = lr_schedule
         self.base_lr = lr

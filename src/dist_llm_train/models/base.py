@@ -20,6 +20,9 @@ from dist_llm_train.errors import DataError, PreconditionError
 Objective = Literal["causal", "mlm"]
 
 IGNORE_INDEX = -100
+# Device types with torch's fused AdamW and SGD kernels (torch >= 2.4): one pass over all parameters, no
+# full-size temporaries. The trainer's and the parameter server's optimisers use them where they exist.
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
 """Target value of positions that are not scored (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
 
 # BERT's recipe (Devlin et al. 2019, section 3.1): of the selected positions 80% become [MASK], 10% a random
@@ -249,4 +252,4 @@ class LanguageModel(nn.Module, abc.ABC):
             {"params": decay, "weight_decay": float(weight_decay)},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in FUSED_OPTIMIZER_DEVICES)
