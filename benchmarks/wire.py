@@ -7,9 +7,9 @@ Both sides run in the same invocation, alternating rounds, so machine load hits 
 - **controller**: a sender process (a worker's DEALER) sends protocol PUSH messages carrying an fp32
   update of ``--numel`` values as zero-copy frames; the receiver is the controller's path: ROUTER receive
   with protocol validation (:func:`router_recv`), payload validation (:func:`decode_payload`), the
-  controller's decode (:func:`update_vector`), admission checks (shape, finiteness by one reduction), a
-  cheap submit (the update is kept in a bounded buffer, as the coordinator keeps updates until its next
-  step) and a PUSH_ACK back to the sender. ``--curve`` adds the same two paths with CurveZMQ encryption
+  controller's decode (:func:`~dist_llm_train.compression.decode_view`), admission checks (shape,
+  finiteness by one reduction), a cheap submit (the update is kept in a bounded buffer, as the
+  coordinator keeps updates until its next step) and a PUSH_ACK back to the sender. ``--curve`` adds the same two paths with CurveZMQ encryption
   (*raw+curve*: PUSH/PULL of the raw bytes over an encrypted connection, the ceiling of an encrypted link),
   which separates the cost of encryption (raw+curve vs raw) from the controller's own work on an encrypted
   link (controller+curve vs raw+curve). ``--ablate-check`` adds *controller-no-check*: the controller path
@@ -40,9 +40,8 @@ import zmq
 from rich.console import Console
 from rich.table import Table
 
-from dist_llm_train.compression import NoneCodec
+from dist_llm_train.compression import NoneCodec, decode_view
 from dist_llm_train.coordination.flat import all_finite
-from dist_llm_train.runtime.controller import update_vector
 from dist_llm_train.runtime.protocol import Limits, Push, PushAck, decode_payload, encode_message
 from dist_llm_train.runtime.security import (
     CurveClient,
@@ -160,7 +159,7 @@ def run_controller(
             assert isinstance(msg, Push)
             encoded = decode_payload(inbound.frames)
             assert encoded.numel == numel
-            vector = update_vector(encoded)  # the controller's own decode step
+            vector = decode_view(encoded)  # the controller's own decode step
             # Admission checks (shape, and finiteness with the coordinator's own all_finite: one sum on
             # the finite path), then the cheapest possible "submit": keep the update in a buffer, as the
             # coordinator does until its next step.

@@ -15,6 +15,7 @@ from dist_llm_train.compression import (
     build_codec,
     compression_ratio,
     decode,
+    decode_view,
 )
 from dist_llm_train.errors import ConfigError, NonFiniteError, PreconditionError
 
@@ -242,6 +243,19 @@ def test_decode_by_the_wrong_codec_is_refused() -> None:
     enc = build_codec("fp16").encode(torch.ones(4))
     with pytest.raises(MalformedPayloadError, match="encoded with codec 'fp16'"):
         build_codec("int8").decode(enc)
+
+
+def test_decode_view_aliases_received_float32_and_decodes_the_rest() -> None:
+    update = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    frames = [bytes(f) for f in build_codec("none").encode(update).to_frames()]
+    received = Encoded.from_frames(frames)
+    view = decode_view(received)
+    assert view.shape == (6, 4) and torch.equal(view, update)
+    # No copy: the tensor is the received buffer itself.
+    assert view.data_ptr() == received.buffers[0].data_ptr()
+    for name in ("fp16", "topk"):
+        encoded = build_codec(name, **({"k": 5} if name == "topk" else {})).encode(update)
+        assert torch.equal(decode_view(encoded), decode(encoded))
 
 
 def test_decode_to_device_and_repr() -> None:

@@ -49,6 +49,21 @@ def test_history_ring_buffer_forgets_old_versions() -> None:
     assert torch.allclose(server.delta_since(4), -2 * torch.ones(D))
 
 
+def test_stored_versions_are_shared_and_never_change() -> None:
+    # The controller sends a version's stored copy zero-copy while later steps run: the server must never
+    # write to it, and a version that left the history must stay intact for whoever still holds it.
+    server = ParameterServer(torch.zeros(D), optimizer="sgd", lr=1.0, momentum=0.0, history=2)
+    first = server.stored()
+    assert first is not None and first is server.stored(0)
+    assert first.data_ptr() != server.params.data_ptr()  # not the live parameters
+    kept = first.clone()
+    for _ in range(3):
+        server.apply(torch.ones(D))
+    assert server.stored(0) is None and server.stored(1) is None
+    assert torch.equal(first, kept)
+    assert torch.equal(server.stored(), server.params) and server.stored() is server.stored(3)
+
+
 def test_server_rejects_bad_updates_and_restores_state() -> None:
     server = _server("adamw", lr=0.1)
     with pytest.raises(PreconditionError, match="parameters"):

@@ -198,6 +198,24 @@ def test_pull_full_and_push_steps_the_server(cache: Path, data: PreparedData) ->
     assert stats.tokens == 2 * h.core.tokens_per_task
 
 
+def test_full_pulls_share_the_server_copy_which_later_steps_leave_alone(
+    cache: Path, data: PreparedData
+) -> None:
+    # PARAMS frames are views of the server's stored copy, sent zero-copy: a send still in flight when the
+    # server steps on (or drops that version from its history) must still carry the version it named.
+    h = Harness(_config(cache, sync={"buffer_size": 1, "history": 1}), data)
+    h.register("w1")
+    first = h.send("w1", Pull())[0].payload
+    assert isinstance(first, Encoded)
+    assert first.buffers[0].data_ptr() == h.core.server.stored(0).data_ptr()  # type: ignore[union-attr]
+    for seed in range(3):
+        h.push("w1", h.task("w1"), _grad(h.numel, seed), base=h.core.version)
+    assert h.core.version == 3 and h.core.server.stored(0) is None
+    assert torch.equal(decode(first).reshape(-1), h.initial)
+    now = h.send("w1", Pull())[0].payload
+    assert torch.equal(decode(now).reshape(-1), h.core.server.params)  # type: ignore[arg-type]
+
+
 def test_delta_pulls_reconstruct_the_parameters(cache: Path, data: PreparedData) -> None:
     h = Harness(_config(cache, sync={"buffer_size": 1}), data, pull_codec="int8")
     h.register("w1")

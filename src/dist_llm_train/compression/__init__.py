@@ -34,6 +34,7 @@ from dist_llm_train.compression.registry import (
     codec_class,
     compression_ratio,
     decode,
+    decode_view,
 )
 from dist_llm_train.compression.topk import TopKCodec, exact_topk_indices, sampled_topk_indices
 
@@ -53,6 +54,7 @@ __all__ = [
     "codec_class",
     "compression_ratio",
     "decode",
+    "decode_view",
     "exact_topk_indices",
     "pack_indices",
     "sampled_topk_indices",

@@ -15,7 +15,7 @@ from dist_llm_train.compression.powersgd import PowerSGDCodec
 from dist_llm_train.compression.topk import TopKCodec
 from dist_llm_train.errors import ConfigError
 
-__all__ = ["available_codecs", "build_codec", "codec_class", "compression_ratio", "decode"]
+__all__ = ["available_codecs", "build_codec", "codec_class", "compression_ratio", "decode", "decode_view"]
 
 _CODECS: dict[str, type[Codec]] = {
     cls.name: cls for cls in (NoneCodec, FP16Codec, BF16Codec, Int8Codec, TopKCodec, PowerSGDCodec)
@@ -70,6 +70,21 @@ def decode(encoded: Encoded, *, device: torch.device | str | None = None) -> Ten
     if device is not None:
         out = out.to(device)
     return out.view(encoded.shape)
+
+
+def decode_view(encoded: Encoded) -> Tensor:
+    """:func:`decode` without the copy where there is nothing to decode.
+
+    An uncompressed (``none``) payload comes back as a view of its float32 buffer, which for a received
+    payload is the network frame itself: read-only, and alive as long as the view. A full-size copy per
+    message is what a receiver that only reads its input (the controller's aggregators, a worker loading
+    pulled parameters into its model) would otherwise pay. Every other codec is decoded into a fresh tensor.
+    """
+    if encoded.codec == NoneCodec.name:
+        values = encoded.buffers[0]
+        # Flat payloads (every update and pull) skip the (~5 us) view.
+        return values if values.shape == encoded.shape else values.view(encoded.shape)
+    return decode(encoded)
 
 
 def compression_ratio(original_numel: int, encoded: Encoded) -> float:

@@ -128,6 +128,16 @@ class ParameterServer:
         kept = self._history.get(version)
         return None if kept is None else kept.clone()
 
+    def stored(self, version: int | None = None) -> torch.Tensor | None:
+        """The server's own copy of the parameters at ``version`` (default: now), shared instead of copied, or
+        ``None`` if it left the history.
+
+        Each version's copy is written once and never again (the next version is a new tensor), so readers
+        may hold it, and send it zero-copy, for as long as they like; they must not modify it. Use
+        :meth:`snapshot` for a copy of one's own.
+        """
+        return self._history.get(self.version if version is None else version)
+
     def delta_since(self, version: int) -> torch.Tensor | None:
         """``params_now − params_at(version)``, or ``None`` when that version left the history."""
         kept = self._history.get(version)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import zmq
 
-from dist_llm_train.compression import Encoded, NoneCodec, build_codec, decode
+from dist_llm_train.compression import Encoded, build_codec, decode_view
 from dist_llm_train.config import RunConfig, config_to_yaml
 from dist_llm_train.coordination import (
     Coordinator,
@@ -118,7 +118,6 @@ __all__ = [
     "Outgoing",
     "WorkerRecord",
     "run_config_payload",
-    "update_vector",
 ]
 
 log = logging.getLogger("dist_llm_train.controller")
@@ -157,20 +156,6 @@ def run_config_payload(cfg: RunConfig, data_fingerprint: str, numel: int, shapes
         },
         separators=(",", ":"),
     )
-
-
-def update_vector(encoded: Encoded) -> torch.Tensor:
-    """The update a validated payload carries, as a float32 tensor of the payload's shape.
-
-    An uncompressed (``none``) payload is used in place: its values are a read-only view of the received
-    frame, so ingesting it costs no copy (the coordinator and the aggregators only read their inputs).
-    Every other codec is decoded into a fresh tensor.
-    """
-    if encoded.codec == NoneCodec.name:
-        values = encoded.buffers[0]
-        # The controller's updates are flat: skip the (~5 us) view when the shape is already the buffer's.
-        return values if values.shape == encoded.shape else values.view(encoded.shape)
-    return decode(encoded)
 
 
 @dataclass
@@ -749,12 +734,13 @@ class ControllerCore:
     def _full_payload(self) -> Encoded:
         version = self.version
         if self._full_cache is None or self._full_cache[0] != version:
-            snapshot = self.server.snapshot()
-            assert snapshot is not None
-            # The snapshot is never modified, so every worker pulling this version shares one zero-copy
-            # payload (frames are views of it while ZeroMQ sends them).
+            # The server's stored copy of this version, not a fresh clone: the server never writes to it, and
+            # an evicted version lives on for as long as a frame still being sent refers to it. Every worker
+            # pulling this version shares this one zero-copy payload.
+            params = self.server.stored()
+            assert params is not None
             codec = self.pull_codec if self.pull_codec in ("fp16", "bf16") else "none"
-            self._full_cache = (version, build_codec(codec).encode(snapshot))
+            self._full_cache = (version, build_codec(codec).encode(params))
         return self._full_cache[1]
 
     def _delta_payload(self, have: int) -> Encoded | None:
@@ -836,7 +822,9 @@ class ControllerCore:
             record.rejected["wrong-shape"] += 1
             self.emit("push", worker_id=wid, accepted=False, reason="wrong-shape", staleness=staleness)
             return [self._ack(inbound, msg, False, "wrong-shape", staleness)]
-        vector = update_vector(encoded)
+        # An uncompressed update is used in place (a read-only view of the frame): the coordinator and
+        # the aggregators only read their inputs.
+        vector = decode_view(encoded)
         # Tokens come from the task, never from the worker's claim (it only feeds the statistics anyway).
         tokens = self.tokens_per_task
         outcome = self.coordinator.submit(
