@@ -7,17 +7,24 @@
 - **loopback**: the real thing: ``dist-llm-train controller`` and one ``dist-llm-train worker`` process
   (CurveZMQ keys, as the launcher uses) on 127.0.0.1; per task the worker requests it, pulls the
   parameters (full fp32), computes, encodes and pushes, and the controller decodes, submits and steps.
-  Tokens/s are measured by the controller from its push events (the first ``--warmup`` excluded).
+  Tokens/s are measured by the controller from its push events (the first ``--warmup`` excluded: by
+  default the first ``sync.history`` + 10, while the server's history of versions fills).
 
 Both run one torch thread on the same model (the ``distributed-default`` preset: gpt-tiny, 8 x 128 tokens
-per task). Measurements are interleaved (in-process, loopback with CurveZMQ, loopback plaintext, ...,
-in-process); each loopback run is compared with the mean of the two in-process runs around it, and the
-median of these per-round ratios is the result, so drifting load on the machine hits both sides of each
-ratio alike. The target is loopback >= 90% of in-process. A single worker is the worst case for the runtime: the controller's
-server step and the parameter pull sit on the critical path of every task, with no other worker to
-overlap them with.
+per task). Measurements take turns: in-process, loopback with CurveZMQ, in-process, loopback plaintext,
+in-process, ...; each loopback run is compared with the mean of the two in-process runs just before and
+after it, and the median of these per-run ratios is the result, so the machine's drift over minutes hits
+both sides of each ratio alike. The in-process run and the worker compute on the same pinned CPU and
+the controller runs on the others (``--cpu``; see :class:`Placement` for why). The target is loopback >=
+90% of in-process.
 
-    python benchmarks/overhead.py --tasks 100 --rounds 2 --json runs/bench/overhead.json
+A single worker is the worst case for the runtime: the controller's server step and the parameter pull
+sit on the critical path of every task, with no other worker to overlap them with. The table also gives
+the milliseconds per task spent outside the worker's compute + encode (the time between pushes minus the
+compute time the worker reports; in-process, the task's time minus its compute + encode): the runtime's
+own cost per task, which the machine's speed phases move far less than the tokens/s.
+
+    python benchmarks/overhead.py --tasks 120 --rounds 4 --json runs/bench/overhead.json
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +62,47 @@ from dist_llm_train.models import build_model, resolve_model_shapes
 from dist_llm_train.runtime.launcher import free_port
 from dist_llm_train.runtime.security import generate_keys
 from dist_llm_train.telemetry import read_metrics
-from paired import paired_ratio, round_ratios
+from paired import bracketed_ratios
 
 CLI = [sys.executable, "-m", "dist_llm_train.cli"]
 
 
-def in_process(cfg: Any, tasks: int, warmup: int) -> float:
-    """Tokens/s of compute + encode + decode + submit in one process."""
+@dataclass(frozen=True)
+class Placement:
+    """CPUs for the compute (the in-process run, the worker process) and for the controller process.
+
+    Left to the scheduler, each run computes on whichever CPU it lands on, and the two vCPUs of the
+    machines these numbers were taken on did not always run alike (in-process compute per task, four
+    alternating runs each: 124-172 ms on one, 157-165 ms on the other). Pinned, both sides of a ratio
+    compute on the same CPU, and the controller, a process of its own as on a real cluster, gets the others.
+    """
+
+    compute: frozenset[int]
+    controller: frozenset[int]
+
+    @classmethod
+    def choose(cls, cpu: int | None) -> Placement | None:
+        available = sorted(os.sched_getaffinity(0))
+        if cpu is None or len(available) < 2:
+            return None
+        if cpu not in available:
+            raise SystemExit(f"--cpu {cpu}: this process may run on CPUs {available} only")
+        return cls(frozenset({cpu}), frozenset(c for c in available if c != cpu))
+
+
+def in_process(
+    cfg: Any, tasks: int, warmup: int, placement: Placement | None = None
+) -> tuple[float, dict[str, float]]:
+    """Tokens/s of compute + encode + decode + submit in one process, and the median milliseconds per task
+    of compute + encode (what the worker reports as its compute time) and of the whole task. ``placement``:
+    run on its compute CPU."""
+    if placement is not None:
+        previous = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, placement.compute)
+        try:
+            return in_process(cfg, tasks, warmup)
+        finally:
+            os.sched_setaffinity(0, previous)
     shapes = resolve_model_shapes(cfg.model)
     data = prepare_data(cfg.data, block_size=int(shapes["block_size"]))
     torch.manual_seed(cfg.training.seed)
@@ -71,15 +113,23 @@ def in_process(cfg: Any, tasks: int, warmup: int) -> float:
     shard = data.shards[0]
     tokens = 0
     started = 0.0
+    compute_s: list[float] = []
     for i in range(tasks):
         if i == warmup:
             started, tokens = time.perf_counter(), 0
         version = server.version
+        task_started = time.perf_counter()
         update = engine.compute(server.snapshot(), version, WorkItem(shard.start, shard.end, 1, i))  # type: ignore[arg-type]
         encoded = engine.encode(update.vector)
+        if i >= warmup:
+            compute_s.append(time.perf_counter() - task_started)
         coordinator.submit(Update("w", version, decode(encoded), update.tokens, i, encoded.nbytes))
         tokens += update.tokens
-    return tokens / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return tokens / elapsed, {
+        "compute_ms": 1000 * statistics.median(compute_s),
+        "task_ms": 1000 * elapsed / (tasks - warmup),
+    }
 
 
 def loopback(
@@ -91,9 +141,11 @@ def loopback(
     secure: bool = True,
     worker_args: Sequence[str] = (),
     pythonpath: str | None = None,
+    placement: Placement | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """Tokens/s of one worker process against a controller process, measured at the controller.
 
+    ``placement``: pin the worker and the controller to these CPUs (``None``: leave it to the scheduler).
     ``worker_args``: more worker options (e.g. link shaping); ``pythonpath``: run both processes from
     another checkout's ``src`` instead of this one."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +185,8 @@ def loopback(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    if placement is not None:
+        os.sched_setaffinity(controller.pid, placement.controller)
     worker = subprocess.Popen(
         [
             *CLI,
@@ -151,6 +205,9 @@ def loopback(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    if placement is not None:
+        # Set before the worker has finished importing torch, so its threads inherit it.
+        os.sched_setaffinity(worker.pid, placement.compute)
     try:
         worker.wait(timeout=3600)
     finally:
@@ -165,8 +222,14 @@ def loopback(
     tokens_per_task = read_metrics(run_dir / "run" / "metrics.jsonl", "summary")[-1]["coordinator"][
         "tokens"
     ] / len(pushes)
-    rate = (len(kept) - 1) * tokens_per_task / (kept[-1]["time"] - kept[0]["time"])
-    return rate, {"pushes": len(pushes), "tokens_per_task": tokens_per_task}
+    period_s = (kept[-1]["time"] - kept[0]["time"]) / (len(kept) - 1)
+    return tokens_per_task / period_s, {
+        "pushes": len(pushes),
+        "tokens_per_task": tokens_per_task,
+        # The worker's own compute + encode time per task (its PUSH reports it), and the time between pushes.
+        "compute_ms": 1000 * statistics.median(r["compute_s"] for r in kept[1:]),
+        "task_ms": 1000 * period_s,
+    }
 
 
 def one_worker_overrides(tasks: int) -> list[str]:
@@ -188,79 +251,152 @@ def one_worker_overrides(tasks: int) -> list[str]:
     ]
 
 
+def _overhead_ms(info: list[dict[str, float]]) -> float:
+    """Median over runs of the time per task spent outside compute + encode."""
+    return statistics.median(run["task_ms"] - run["compute_ms"] for run in info)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="distributed-default", help="preset or YAML (model, data, codec)")
     parser.add_argument("--tasks", type=int, default=120, help="tasks (updates) per measurement")
-    parser.add_argument("--warmup", type=int, default=10, help="tasks excluded at the start")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved measurement rounds (median)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="tasks excluded at the start (default: the server's history size + 10, so that only the steady "
+        "state is measured)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="rounds of (CurveZMQ, plaintext) loopback runs (median)"
+    )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=max(os.sched_getaffinity(0)),
+        help="CPU for the compute (in-process run and worker); the controller gets the others "
+        "(default: the highest-numbered CPU; -1: no pinning)",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(args.config, one_worker_overrides(args.tasks))
-    # Interleaved (in-process, loopback, loopback plaintext) rounds, then one more in-process run: load on the
-    # machine drifts over minutes, and every loopback run sits between two in-process runs.
+    placement = Placement.choose(None if args.cpu < 0 else args.cpu)
+    if args.warmup is None:
+        # The first `history` versions each keep a new full-size copy of the parameters in the server's
+        # history: fresh memory, so page faults on every step. At 0.84M parameters the controller took 1,646
+        # minor faults per push and 20.2 ms to handle it during that phase, 0 and 13.6 ms after it; in one
+        # process it is 823 faults per step. A transient of a run's first steps, not the steady cost.
+        args.warmup = cfg.sync.history + 10
+    if args.tasks < args.warmup + 3:
+        raise SystemExit(
+            f"--tasks {args.tasks} leaves fewer than 3 measured tasks after --warmup {args.warmup}"
+        )
+    # Schedule: in-process, CurveZMQ, in-process, plaintext, in-process, CurveZMQ, ... in-process. The
+    # machine's speed drifts by 20% and more over minutes; every loopback run is compared with the mean of
+    # the two in-process runs just before and after it, so both sides of each ratio see the same minute.
     local: list[float] = []
-    secure: list[float] = []
-    plain: list[float] = []
-    info: dict[str, Any] = {}
+    local_info: list[dict[str, float]] = []
+    runs: dict[str, list[float]] = {"curve": [], "plain": []}
+    infos: dict[str, list[dict[str, Any]]] = {"curve": [], "plain": []}
+    positions: dict[str, list[int]] = {"curve": [], "plain": []}
+
+    def measure_in_process() -> None:
+        rate, info = in_process(cfg, args.tasks, args.warmup, placement)
+        local.append(rate)
+        local_info.append(info)
+
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "run.yaml"
         config.write_text(config_to_yaml(cfg), encoding="utf-8")
+        measure_in_process()
         for r in range(args.rounds):
-            local.append(in_process(cfg, args.tasks, args.warmup))
-            rate, info = loopback(config, Path(tmp) / f"curve-{r}", args.tasks, args.warmup, secure=True)
-            secure.append(rate)
-            plain.append(loopback(config, Path(tmp) / f"plain-{r}", args.tasks, args.warmup, secure=False)[0])
-        local.append(in_process(cfg, args.tasks, args.warmup))
-    base = statistics.median(local)
-    # Headline: each loopback run against the mean of the two in-process runs around it, then the median
-    # over rounds. The machine's speed drifts by 20% and more over minutes, and a ratio of pooled medians
-    # mixes runs from different speeds; the paired ratio compares runs taken a minute apart.
-    ratio_secure = paired_ratio(secure, local)
-    ratio_plain = paired_ratio(plain, local)
+            for path in ("curve", "plain"):
+                positions[path].append(len(local) - 1)
+                rate, info = loopback(
+                    config,
+                    Path(tmp) / f"{path}-{r}",
+                    args.tasks,
+                    args.warmup,
+                    secure=path == "curve",
+                    placement=placement,
+                )
+                runs[path].append(rate)
+                infos[path].append(info)
+                measure_in_process()
+    ratios = {path: bracketed_ratios(runs[path], local, positions[path]) for path in runs}
+    headline = {path: statistics.median(values) for path, values in ratios.items()}
+    labels = {
+        "curve": "worker over loopback, CurveZMQ (as the launcher runs)",
+        "plain": "worker over loopback, plaintext",
+    }
     table = Table(title=f"one worker, {cfg.model.preset}, codec {cfg.compression.codec}, {args.tasks} tasks")
     table.add_column("path")
     table.add_column("tokens/s (median)", justify="right")
     table.add_column("vs in-process (paired)", justify="right")
-    table.add_column("per round", justify="right")
-    table.add_column("all runs", justify="right")
-    for label, runs in (
-        ("in-process (engine + coordinator)", local),
-        ("worker over loopback, CurveZMQ (as the launcher runs)", secure),
-        ("worker over loopback, plaintext", plain),
-    ):
-        paired = runs is not local
+    table.add_column("per run", justify="right")
+    table.add_column("ms per task outside compute", justify="right")
+    table.add_row(
+        "in-process (engine + coordinator)",
+        f"{statistics.median(local):,.0f}",
+        "1.00",
+        "",
+        f"{_overhead_ms(local_info):.1f}",
+    )
+    for path, label in labels.items():
         table.add_row(
             label,
-            f"{statistics.median(runs):,.0f}",
-            f"{paired_ratio(runs, local):.2f}" if paired else "1.00",
-            ", ".join(f"{v:.2f}" for v in round_ratios(runs, local)) if paired else "",
-            ", ".join(f"{v:,.0f}" for v in runs),
+            f"{statistics.median(runs[path]):,.0f}",
+            f"{headline[path]:.2f}",
+            ", ".join(f"{v:.2f}" for v in ratios[path]),
+            f"{_overhead_ms(infos[path]):.1f}",
         )
     Console().print(table)
-    for label, ratio in (("CurveZMQ", ratio_secure), ("plaintext", ratio_plain)):
+    if placement is not None:
         print(
-            f"loopback ({label}) / in-process = {ratio:.2f} (target >= 0.90): {'met' if ratio >= 0.9 else 'MISSED'}"
+            f"compute (in-process and worker) pinned to CPU {sorted(placement.compute)}, "
+            f"the controller to CPUs {sorted(placement.controller)}"
+        )
+    print(
+        "compute + encode per task, median over runs (ms): "
+        f"in-process {statistics.median(i['compute_ms'] for i in local_info):.1f}, "
+        f"worker {statistics.median(i['compute_ms'] for i in infos['curve'] + infos['plain']):.1f}"
+    )
+    for path, name in (("curve", "CurveZMQ"), ("plain", "plaintext")):
+        ratio = headline[path]
+        print(
+            f"loopback ({name}) / in-process = {ratio:.2f} (target >= 0.90): {'met' if ratio >= 0.9 else 'MISSED'}"
         )
     if args.json:
         out = {
             "config": args.config,
             "tasks": args.tasks,
+            "warmup": args.warmup,
             "rounds": args.rounds,
+            "schedule": "in-process, curve, in-process, plaintext, in-process, ... (each loopback run between two)",
             "in_process_tokens_per_s": local,
-            "loopback_curve_tokens_per_s": secure,
-            "loopback_plaintext_tokens_per_s": plain,
-            "ratio_curve": ratio_secure,
-            "ratio_plaintext": ratio_plain,
-            "round_ratios_curve": round_ratios(secure, local),
-            "round_ratios_plaintext": round_ratios(plain, local),
-            "ratio_of_medians_curve": statistics.median(secure) / base,
-            "ratio_of_medians_plaintext": statistics.median(plain) / base,
+            "loopback_curve_tokens_per_s": runs["curve"],
+            "loopback_plaintext_tokens_per_s": runs["plain"],
+            "ratio_curve": headline["curve"],
+            "ratio_plaintext": headline["plain"],
+            "run_ratios_curve": ratios["curve"],
+            "run_ratios_plaintext": ratios["plain"],
+            "ratio_of_medians_curve": statistics.median(runs["curve"]) / statistics.median(local),
+            "ratio_of_medians_plaintext": statistics.median(runs["plain"]) / statistics.median(local),
+            "in_process_runs": local_info,
+            "loopback_curve_runs": infos["curve"],
+            "loopback_plaintext_runs": infos["plain"],
+            "ms_per_task_outside_compute": {
+                "in_process": _overhead_ms(local_info),
+                "curve": _overhead_ms(infos["curve"]),
+                "plaintext": _overhead_ms(infos["plain"]),
+            },
+            "placement": None
+            if placement is None
+            else {"compute": sorted(placement.compute), "controller": sorted(placement.controller)},
             "target": 0.9,
-            **info,
             "machine": {"python": platform.python_version(), "torch": torch.__version__},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -23,3 +23,14 @@ def round_ratios(runs: list[float], baseline: list[float]) -> list[float]:
 def paired_ratio(runs: list[float], baseline: list[float]) -> float:
     """Median over rounds of :func:`round_ratios`."""
     return statistics.median(round_ratios(runs, baseline))
+
+
+def bracketed_ratios(runs: list[float], baseline: list[float], positions: list[int]) -> list[float]:
+    """Run ``i`` against the mean of ``baseline[positions[i]]`` and ``baseline[positions[i] + 1]``, the
+    baseline runs just before and after it, for schedules where several measured paths take turns
+    between baseline runs."""
+    if len(runs) != len(positions):
+        raise ValueError(f"{len(runs)} runs but {len(positions)} positions")
+    if any(p < 0 or p + 1 >= len(baseline) for p in positions):
+        raise ValueError(f"positions {positions} need baseline runs on both sides ({len(baseline)} runs)")
+    return [rate / ((baseline[p] + baseline[p + 1]) / 2) for rate, p in zip(runs, positions, strict=True)]
