@@ -16,6 +16,7 @@ from dist_llm_train.compression import build_codec, decode
 from dist_llm_train.errors import ConfigError
 from dist_llm_train.runtime.protocol import (
     MESSAGE_CLASSES,
+    PIECE_BYTES,
     PROTOCOL_ERROR_CODES,
     PROTOCOL_VERSION,
     ErrorReply,
@@ -234,6 +235,54 @@ def _push_frames() -> list[bytes]:
 )
 def test_malformed_envelope(frames: list[bytes], code: str) -> None:
     assert _code(frames) == code
+
+
+def _params_frames(nbytes: int, *, split: bool) -> tuple[list[bytes], torch.Tensor]:
+    values = torch.arange(nbytes // 4, dtype=torch.float32)
+    frames = encode_message(
+        Params(ref=1, version=2, numel=values.numel()), build_codec("none").encode(values), split=split
+    )
+    return [bytes(f) for f in frames], values
+
+
+def test_large_frames_go_in_pieces_and_are_joined() -> None:
+    limits = Limits.for_params(1_000_000)
+    frames, values = _params_frames(4 * 300_000, split=True)
+    header = msgpack.unpackb(frames[0])
+    # The Encoded header frame, then the 1.2 MB value buffer in three pieces of at most PIECE_BYTES.
+    assert header["pieces"] == [1, 3] and len(frames) == 5
+    assert header["frames"] == [len(frames[1]), 4 * 300_000]
+    assert all(len(f) <= PIECE_BYTES for f in frames[2:])
+    msg, payload = decode_message(frames, limits)
+    assert isinstance(msg, Params) and [len(p) for p in payload] == header["frames"]
+    assert torch.equal(decode(decode_payload(payload)), values)
+    # Small payloads, and plaintext links, keep one frame per buffer.
+    assert "pieces" not in msgpack.unpackb(_params_frames(4 * 1000, split=True)[0][0])
+    assert "pieces" not in msgpack.unpackb(_params_frames(4 * 300_000, split=False)[0][0])
+
+
+@pytest.mark.parametrize(
+    ("pieces", "code"),
+    [
+        ("3", "malformed"),
+        ([1], "malformed"),  # one count per declared frame
+        ([1, 0], "malformed"),
+        ([1, 2], "malformed"),  # pieces announced != frames that arrived
+        ([2, 2], "malformed"),  # the pieces of frame 0 do not add up to its declared length
+    ],
+)
+def test_bad_piece_declarations_are_refused(pieces: object, code: str) -> None:
+    frames, _ = _params_frames(4 * 300_000, split=True)
+    header = msgpack.unpackb(frames[0])
+    header["pieces"] = pieces
+    assert _code([_pack(header), *frames[1:]], Limits.for_params(1_000_000)) == code
+
+
+def test_a_frame_joined_from_pieces_above_the_limit_is_refused() -> None:
+    # Every piece fits the per-frame limit; the frame they make does not. Refused before any join.
+    frames, _ = _params_frames(4 * 300_000, split=True)
+    small = Limits(max_frames=8, max_frame_bytes=PIECE_BYTES, max_header_bytes=4096)
+    assert _code(frames, small) == "too-large"
 
 
 def test_oversized_and_extra_frames_refused_before_parsing() -> None:

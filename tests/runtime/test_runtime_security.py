@@ -10,12 +10,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from dist_llm_train.cli import main
+from dist_llm_train.compression import build_codec, decode
 from dist_llm_train.errors import ConfigError, PreconditionError
-from dist_llm_train.runtime.protocol import Heartbeat, Limits, ProtocolError, Register, Shutdown
+from dist_llm_train.runtime.protocol import (
+    PIECE_BYTES,
+    Heartbeat,
+    Limits,
+    Params,
+    ProtocolError,
+    Push,
+    Register,
+    Shutdown,
+    decode_payload,
+)
 from dist_llm_train.runtime.security import (
     CurveClient,
     CurveServer,
@@ -33,6 +45,7 @@ from dist_llm_train.runtime.transport import (
     make_router,
     router_recv,
     router_send,
+    splits_payloads,
 )
 
 if TYPE_CHECKING:  # the fixture's type; conftest modules are not imported by name
@@ -174,6 +187,35 @@ def test_allow_listed_worker_exchanges_messages(
     assert (
         reply is not None and isinstance(reply.message, Shutdown) and reply.message.ref == inbound.message.id
     )
+
+
+def test_large_payloads_cross_an_encrypted_link_in_pieces(
+    zmq_context: zmq.Context, key_set: KeySet, server: CurveServer
+) -> None:
+    # 3 MB of parameters each way: split into 512 KiB pieces (encryption and transfer overlap), joined
+    # intact on the other side; the byte counts are the wire's, header included.
+    limits = Limits.for_params(800_000)
+    router = make_router(zmq_context, limits, curve=server)
+    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    client = CurveClient(
+        load_keypair(key_set.secret("worker-0")), load_public_key(key_set.public("controller"))
+    )
+    dealer = make_dealer(zmq_context, limits, curve=client)
+    dealer.connect(endpoint)
+    assert splits_payloads(router) and splits_payloads(dealer)
+    params = torch.randn(800_000, generator=torch.Generator().manual_seed(0))
+    payload = build_codec("none").encode(params)
+    push = Push(base_version=0, lease_id=1, task_id=1, tokens=1, loss=1.0)
+    sent = dealer_send(dealer, push, payload, limits=limits)
+    inbound = router_recv(router, limits, timeout_s=TIMEOUT_S)
+    assert inbound is not None and inbound.message == push and inbound.nbytes == sent
+    assert torch.equal(decode(decode_payload(inbound.frames)), params)
+    reply = Params(ref=push.id, version=1, numel=800_000)
+    back = router_send(router, inbound.routing_id, reply, payload, limits=limits)
+    received = dealer_recv(dealer, limits, timeout_s=TIMEOUT_S)
+    assert received is not None and received.message == reply and received.nbytes == back
+    assert torch.equal(decode(decode_payload(received.frames)), params)
+    assert back is not None and back > 4 * 800_000 > PIECE_BYTES * 6
 
 
 def test_worker_not_on_allow_list_is_refused(

@@ -6,12 +6,13 @@ A message on the wire is a ZeroMQ multipart message::
 
 ``header`` is a msgpack map::
 
-    {"v": 1, "type": "push", "id": 17, "ref": 12, <typed fields of the type>, "frames": [312, 4096]}
+    {"v": 3, "type": "push", "id": 17, "ref": 12, <typed fields of the type>, "frames": [312, 4096]}
 
 ``v`` is :data:`PROTOCOL_VERSION`; ``type`` a :class:`MessageType` value; ``id`` a uint64 unique per sender
 (:func:`next_message_id`); ``ref`` (optional) the ``id`` of the message being answered; ``frames`` the byte
 length of every payload frame that follows, so the receiver can check the framing before it touches a byte
-of payload. Only PUSH and PARAMS carry payload frames: the frames of one
+of payload. ``pieces`` (optional) says that payload frame ``i`` arrives as ``pieces[i]`` consecutive ZeroMQ
+frames, which the receiver joins (see :data:`PIECE_BYTES` for why a sender splits). Only PUSH and PARAMS carry payload frames: the frames of one
 :class:`~dist_llm_train.compression.Encoded` (its own msgpack header, then one raw buffer per frame), so a
 compressed update and a full parameter vector (codec ``none``/``fp16``) travel the same way. Payload buffers
 are never serialised through msgpack: the sender passes memoryviews of tensor memory and sends them with
@@ -53,6 +54,7 @@ from dist_llm_train.errors import ConfigError, UserError
 
 __all__ = [
     "MESSAGE_CLASSES",
+    "PIECE_BYTES",
     "PROTOCOL_ERROR_CODES",
     "PROTOCOL_VERSION",
     "ErrorReply",
@@ -81,9 +83,18 @@ __all__ = [
     "next_message_id",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped on any incompatible change of the header or of a message's fields (2: TASK_REQUEST's ``pull`` and
-``have_version``)."""
+``have_version``; 3: payload frames sent in ``pieces``)."""
+
+PIECE_BYTES = 512 * 1024
+"""Payload frames larger than this are sent in pieces of this size on encrypted (CurveZMQ) links.
+
+CurveZMQ encrypts and authenticates each ZeroMQ frame as one box: a 3.4 MB frame is encrypted whole before
+its first byte leaves and decrypted whole after its last byte arrives. In pieces, the sender's encryption,
+the transfer and the receiver's decryption overlap. Measured on loopback (request, then the reply with the
+reassembled payload): 3.4 MB 14.0 → 9.9 ms, 40 MB 263 → 106 ms. In plaintext a single frame is faster
+(2.1 against 3.4 ms at 3.4 MB: the receiver's reassembly is one more copy), so plaintext is not split."""
 
 U64_MAX = 2**64 - 1
 # Model versions and token counts: int64 leaves room for any run and survives every msgpack/JSON consumer.
@@ -101,7 +112,7 @@ ProtocolErrorCode: TypeAlias = Literal[
 ]
 PROTOCOL_ERROR_CODES: tuple[str, ...] = get_args(ProtocolErrorCode)
 
-_ENVELOPE_KEYS = frozenset({"v", "type", "id", "ref", "frames"})
+_ENVELOPE_KEYS = frozenset({"v", "type", "id", "ref", "frames", "pieces"})
 
 
 class ProtocolError(UserError, ValueError):
@@ -163,6 +174,13 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                 raise ConfigError(f"Limits.{name}={value!r} must be an integer in [{lo}, {hi}]")
+
+    @property
+    def max_wire_frames(self) -> int:
+        """Most ZeroMQ frames a valid payload can arrive in: ``max_frames`` frames of up to
+        ``max_frame_bytes``, the large ones split into pieces of :data:`PIECE_BYTES`. More are refused
+        before the header is parsed."""
+        return self.max_frames * -(-self.max_frame_bytes // PIECE_BYTES)
 
     @classmethod
     def for_params(cls, numel: int, *, max_frames: int = 16, max_header_bytes: int = 64 * 1024) -> Limits:
@@ -468,7 +486,11 @@ def frame_nbytes(frame: Frame) -> int:
 
 
 def encode_message(
-    msg: Message, frames: Sequence[Frame] | Encoded = (), *, limits: Limits | None = None
+    msg: Message,
+    frames: Sequence[Frame] | Encoded = (),
+    *,
+    limits: Limits | None = None,
+    split: bool = False,
 ) -> list[Any]:
     """The frames of ``msg`` for ``socket.send_multipart(..., copy=False)``: header first, then ``frames``.
 
@@ -476,7 +498,9 @@ def encode_message(
     empty for every other type. The payload frames are passed through untouched (no copy): do not modify
     the tensors they view until the send is done. ``limits``: when given, the sender checks what the
     receiver will check, so an oversized message fails here with a clear error instead of being refused
-    (or silently dropped by the socket backstop) on the other side. Raises :class:`ProtocolError`.
+    (or silently dropped by the socket backstop) on the other side. ``split``: send payload frames larger
+    than :data:`PIECE_BYTES` in pieces of that size (zero-copy slices) that the receiver joins. Raises
+    :class:`ProtocolError`.
     """
     if isinstance(frames, Encoded):
         frames = frames.to_frames()
@@ -490,10 +514,26 @@ def encode_message(
         header["ref"] = msg.ref
     header.update(msg.model_dump(exclude={"id", "ref"}))
     header["frames"] = lengths
+    if split and any(n > PIECE_BYTES for n in lengths):
+        payload, header["pieces"] = _split(payload, lengths)
     packed = msgpack.packb(header, use_bin_type=True)
     if limits is not None:
         _check_sizes(len(packed), lengths, limits, ref=msg.id)
     return [packed, *payload]
+
+
+def _split(payload: list[Any], lengths: list[int]) -> tuple[list[Any], list[int]]:
+    wire: list[Any] = []
+    counts: list[int] = []
+    for frame, n in zip(payload, lengths, strict=True):
+        if n <= PIECE_BYTES:
+            wire.append(frame)
+            counts.append(1)
+            continue
+        view = _view(frame, len(counts))
+        wire.extend(view[start : start + PIECE_BYTES] for start in range(0, n, PIECE_BYTES))
+        counts.append(-(-n // PIECE_BYTES))
+    return wire, counts
 
 
 # ---------------------------------------------------------------------- decode
@@ -501,7 +541,7 @@ def decode_message(frames: Sequence[Frame], limits: Limits) -> tuple[Message, li
     """Parse and validate one received multipart message (without any ROUTER routing-id frame).
 
     Returns the typed message and its payload frames as memoryviews (zero-copy views of the received
-    frames; they stay valid while the frames do). Sizes and frame counts are checked before the header is
+    frames, which stay valid while the frames do; a frame sent in pieces is joined into a copy). Sizes and frame counts are checked before the header is
     unpacked, so oversized traffic costs nothing to refuse. Raises :class:`ProtocolError` and nothing else.
     The payload of PUSH/PARAMS is not parsed here: pass it to :func:`decode_payload`.
     """
@@ -516,9 +556,11 @@ def decode_message(frames: Sequence[Frame], limits: Limits) -> tuple[Message, li
 def _decode(frames: Sequence[Frame], limits: Limits) -> tuple[Message, list[memoryview]]:
     if isinstance(frames, (bytes, bytearray, memoryview)) or len(frames) == 0:
         raise ProtocolError("malformed", "a message needs at least a header frame")
-    if len(frames) - 1 > limits.max_frames:
+    if len(frames) - 1 > limits.max_wire_frames:
         raise ProtocolError(
-            "too-many-frames", f"{len(frames) - 1} payload frames, above the limit {limits.max_frames}"
+            "too-many-frames",
+            f"{len(frames) - 1} payload frames, more than {limits.max_frames} frames of at most "
+            f"{limits.max_frame_bytes} bytes could arrive in",
         )
     views = [_view(f, i) for i, f in enumerate(frames)]
     _check_sizes(len(views[0]), [len(v) for v in views[1:]], limits, ref=None)
@@ -556,13 +598,22 @@ def _decode(frames: Sequence[Frame], limits: Limits) -> tuple[Message, list[memo
             f"header declares {len(declared)} payload frames, above the limit {limits.max_frames}",
             ref=msg_id,
         )
-    if len(declared) != len(views) - 1:
+    payload = views[1:]
+    if "pieces" in header:
+        payload = _join(header["pieces"], declared, payload, limits, msg_id)
+    elif len(payload) > limits.max_frames:
         raise ProtocolError(
-            "malformed",
-            f"header declares {len(declared)} payload frames but {len(views) - 1} arrived",
+            "too-many-frames",
+            f"{len(payload)} payload frames, above the limit {limits.max_frames}",
             ref=msg_id,
         )
-    for i, (want, view) in enumerate(zip(declared, views[1:], strict=True)):
+    if len(declared) != len(payload):
+        raise ProtocolError(
+            "malformed",
+            f"header declares {len(declared)} payload frames but {len(payload)} arrived",
+            ref=msg_id,
+        )
+    for i, (want, view) in enumerate(zip(declared, payload, strict=True)):
         if want != len(view):
             raise ProtocolError(
                 "malformed", f"payload frame {i} declared {want} bytes but has {len(view)}", ref=msg_id
@@ -576,7 +627,49 @@ def _decode(frames: Sequence[Frame], limits: Limits) -> tuple[Message, list[memo
         msg = cls.model_validate(fields)
     except ValidationError as exc:
         raise ProtocolError("bad-field", _describe(cls.TYPE, exc), ref=msg_id) from None
-    return msg, views[1:]
+    return msg, payload
+
+
+def _join(
+    pieces: object, declared: list[int], wire: list[memoryview], limits: Limits, msg_id: int
+) -> list[memoryview]:
+    """The payload frames sent in ``pieces``, joined after their sizes are checked (nothing is allocated
+    for a frame above the limit or one whose pieces do not add up to its declared length)."""
+    if (
+        not isinstance(pieces, list)
+        or len(pieces) != len(declared)
+        or not all(_is_int(n) and n >= 1 for n in pieces)
+    ):
+        raise ProtocolError(
+            "malformed",
+            f"'pieces' must list, for each of the {len(declared)} payload frames, its count of pieces (>= 1)",
+            ref=msg_id,
+        )
+    if sum(pieces) != len(wire):
+        raise ProtocolError(
+            "malformed", f"header declares {sum(pieces)} payload pieces but {len(wire)} arrived", ref=msg_id
+        )
+    groups: list[list[memoryview]] = []
+    start = 0
+    for i, count in enumerate(pieces):
+        parts = wire[start : start + count]
+        start += count
+        total = sum(len(p) for p in parts)
+        if i < len(declared) and total != declared[i]:
+            raise ProtocolError(
+                "malformed",
+                f"payload frame {i} declared {declared[i]} bytes but its pieces hold {total}",
+                ref=msg_id,
+            )
+        if total > limits.max_frame_bytes:
+            raise ProtocolError(
+                "too-large",
+                f"payload frame {i} is {total} bytes, above the limit {limits.max_frame_bytes}",
+                ref=msg_id,
+            )
+        groups.append(parts)
+    # One copy into a fresh buffer per split frame: the zero-copy views downstream need it contiguous.
+    return [parts[0] if len(parts) == 1 else memoryview(b"".join(parts)) for parts in groups]
 
 
 def decode_payload(frames: Sequence[Frame]) -> Encoded:

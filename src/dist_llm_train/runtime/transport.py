@@ -57,6 +57,7 @@ __all__ = [
     "router_recv",
     "router_send",
     "socket_max_bytes",
+    "splits_payloads",
 ]
 
 # Above the protocol limit by enough for any header, below it by nothing a peer could exploit.
@@ -221,6 +222,12 @@ class Inbound(Received):
     peer_key: str | None
 
 
+def splits_payloads(socket: zmq.Socket) -> bool:
+    """Whether large payload frames sent on ``socket`` go in pieces of :data:`PIECE_BYTES`: on a CurveZMQ
+    socket (encryption, transfer and decryption then overlap), not in plaintext."""
+    return bool(socket.getsockopt(zmq.MECHANISM) == zmq.CURVE)
+
+
 def _wait(socket: zmq.Socket, event: int, timeout_s: float | None) -> bool:
     if timeout_s is None:
         return True
@@ -333,7 +340,7 @@ def router_send(
     ROUTER_MANDATORY) or its queue is full (EAGAIN): the caller treats it as a lost message, like a
     network loss. ``limits``: check sizes before sending (see :func:`encode_message`).
     """
-    parts = encode_message(message, frames, limits=limits)
+    parts = encode_message(message, frames, limits=limits, split=splits_payloads(socket))
     try:
         socket.send_multipart([routing_id, *parts], flags=zmq.NOBLOCK, copy=False)
     except zmq.ZMQError as exc:
@@ -358,7 +365,7 @@ def dealer_send(
     ``timeout_s``: wait at most this long for room in the send queue (the DEALER queues while disconnected,
     up to its HWM); ``None`` blocks. Returns the bytes sent, or ``None`` when the queue stayed full.
     """
-    parts = encode_message(message, frames, limits=limits)
+    parts = encode_message(message, frames, limits=limits, split=splits_payloads(socket))
     nbytes = sum(frame_nbytes(p) for p in parts)
     if shaper is not None:
         shaper.before_send(nbytes)

@@ -336,7 +336,9 @@ class Worker:
         self, message: Message, payload: Encoded | Sequence[Any] = (), *, with_previous: bool = False
     ) -> None:
         """Send ``message``; ``with_previous``: pipelined right behind the previous one (link emulation)."""
-        frames = encode_message(message, payload)
+        # The main thread never touches the DEALER (the link thread owns it), so it splits large payloads
+        # as an encrypted socket's sends are split (see PIECE_BYTES).
+        frames = encode_message(message, payload, split=self._curve is not None)
         nbytes = sum(frame_nbytes(f) for f in frames)
         if self.shaper is not None:
             self.shaper.before_send(nbytes, with_previous=with_previous)
