@@ -76,9 +76,9 @@ def decode_view(encoded: Encoded) -> Tensor:
     """:func:`decode` without the copy where there is nothing to decode.
 
     An uncompressed (``none``) payload comes back as a view of its float32 buffer, which for a received
-    payload is the network frame itself: read-only, and alive as long as the view. A full-size copy per
-    message is what a receiver that only reads its input (the controller's aggregators, a worker loading
-    pulled parameters into its model) would otherwise pay. Every other codec is decoded into a fresh tensor.
+    payload is the network frame itself: read-only, and alive as long as the view. It saves a full-size copy
+    per message for a receiver that only reads its input and lets go of it soon (the controller's
+    aggregators). Every other codec is decoded into a fresh tensor.
     """
     if encoded.codec == NoneCodec.name:
         values = encoded.buffers[0]
