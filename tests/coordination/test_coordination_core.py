@@ -16,6 +16,8 @@ from dist_llm_train.coordination import (
     Update,
     build_coordinator,
     build_server,
+    flatten_params,
+    load_flat_params,
     staleness_weight,
 )
 from dist_llm_train.errors import NonFiniteError, PreconditionError, UserError
@@ -307,3 +309,19 @@ def test_step_wait_waits_only_for_a_step_that_is_near_and_reachable_without_the_
     assert sync.submit(_update("a", 0)).accepted and sync.step_wait_s(2.0, in_flight=2) == 0.0
     with pytest.raises(UserError, match="step_wait"):
         AsyncCoordinator(_server(), build_aggregator("mean"), bound=FixedBound(4), step_wait=1.5)
+
+
+def test_loading_a_flat_vector_copies_it_into_the_model() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    storage = [p.data_ptr() for p in model.parameters()]
+    flat = torch.arange(11, dtype=torch.float32)
+    load_flat_params(model, flat)
+    assert torch.equal(flatten_params(model), flat)
+    # The model keeps its own storage: stepping it leaves the caller's vector as it was.
+    assert [p.data_ptr() for p in model.parameters()] == storage
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(flat, torch.arange(11, dtype=torch.float32))
+    with pytest.raises(PreconditionError, match="10 values cannot fill 11 parameters"):
+        load_flat_params(model, flat[:10])

@@ -71,3 +71,15 @@ def test_inner_adamw_step_follows_the_schedule_at_the_base_version(
     # the largest change is the scheduled learning rate itself.
     assert float(update.vector.abs().max()) == pytest.approx(expected_lr, rel=1e-3)
     assert update.tokens == 2 * 8
+
+
+def test_local_steps_leave_the_callers_parameters_alone(
+    tiny_engine_cfg: Callable[..., RunConfig],
+) -> None:
+    # The worker process computes a second task at the version it holds without pulling again: the
+    # parameters it passes must still be that version's after the inner optimiser stepped the model.
+    engine, params, n_tokens = _engine(tiny_engine_cfg)
+    held = params.clone()
+    update = engine.compute(params, 0, WorkItem(0, n_tokens, 1, 5))
+    assert float(update.vector.abs().max()) > 0
+    assert torch.equal(params, held)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dist_llm_train.errors import PreconditionError
+
 
 @dataclass(frozen=True)
 class ParamLayout:
@@ -44,9 +46,20 @@ def flatten_params(model: nn.Module) -> torch.Tensor:
 
 
 def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
-    """Copy a flat vector into the model's parameters (in place, no autograd history)."""
+    """Copy a flat vector into the model's parameters (in place, no autograd history).
+
+    A copy, not ``torch.nn.utils.vector_to_parameters``, which rebinds every parameter to a view of
+    ``flat``: the model would then share memory with the caller's vector, and a worker's local optimiser
+    steps would change the parameters it holds for its next task or delta.
+    """
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if flat.numel() != total:
+        raise PreconditionError(f"a flat vector of {flat.numel()} values cannot fill {total} parameters")
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(flat.to(next(model.parameters()).device), model.parameters())
+        source = flat.reshape(-1).to(params[0].device)
+        for param, part in zip(params, source.split([p.numel() for p in params]), strict=True):
+            param.copy_(part.view_as(param))
 
 
 def flat_grad(model: nn.Module) -> torch.Tensor:
