@@ -11,6 +11,7 @@ from dist_llm_train.compression import (
     Encoded,
     ErrorFeedback,
     MalformedPayloadError,
+    NoneCodec,
     available_codecs,
     build_codec,
     compression_ratio,
@@ -256,6 +257,20 @@ def test_decode_view_aliases_received_float32_and_decodes_the_rest() -> None:
     for name in ("fp16", "topk"):
         encoded = build_codec(name, **({"k": 5} if name == "topk" else {})).encode(update)
         assert torch.equal(decode_view(encoded), decode(encoded))
+
+
+def test_none_wrap_is_encode_without_the_checks() -> None:
+    params = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    wrapped = NoneCodec.wrap(params)
+    encoded = build_codec("none").encode(params)
+    assert wrapped.header == encoded.header
+    assert [bytes(f) for f in wrapped.to_frames()] == [bytes(f) for f in encoded.to_frames()]
+    assert wrapped.buffers[0].data_ptr() == params.data_ptr()  # zero-copy, as encode
+    received = Encoded.from_frames([bytes(f) for f in wrapped.to_frames()])
+    assert torch.equal(decode(received), params)
+    for bad in (params.reshape(5, 10), params.double(), params[::2]):
+        with pytest.raises(PreconditionError, match="contiguous 1-D float32"):
+            NoneCodec.wrap(bad)
 
 
 def test_decode_to_device_and_repr() -> None:

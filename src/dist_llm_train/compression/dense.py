@@ -20,6 +20,7 @@ from dist_llm_train.compression.base import (
 )
 from dist_llm_train.compression.payload import MAX_NUMEL, Encoded, expect_buffers
 from dist_llm_train.compression.quant import dequantize_chunks, n_chunks, quantize_chunks
+from dist_llm_train.errors import PreconditionError
 
 __all__ = ["BF16Codec", "FP16Codec", "Int8Codec", "NoneCodec"]
 
@@ -69,6 +70,20 @@ class NoneCodec(_CastCodec):
     wire_dtype = torch.float32
     wire_name = "float32"
     limit = float(torch.finfo(torch.float32).max)
+
+    @classmethod
+    def wrap(cls, flat: Tensor) -> Encoded:
+        """The payload of ``flat`` (1-D, contiguous, float32), zero-copy and without :meth:`encode`'s checks.
+
+        For tensors the caller knows to be finite, such as a parameter server's own parameters (it refuses
+        non-finite updates). encode's full-length finiteness check took 0.3 ms for 0.84M values in a loop and
+        about 1 ms in a trace of the controller, where it ran on every full pull.
+        """
+        if flat.dim() != 1 or flat.dtype != torch.float32 or not flat.is_contiguous():
+            raise PreconditionError(
+                f"NoneCodec.wrap takes a contiguous 1-D float32 tensor, got {flat.dtype} {tuple(flat.shape)}"
+            )
+        return Encoded.build(cls.name, cls.version, flat.shape, {}, [("values", flat)])
 
 
 class FP16Codec(_CastCodec):

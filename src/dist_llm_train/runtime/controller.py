@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import zmq
 
-from dist_llm_train.compression import Encoded, build_codec, decode_view
+from dist_llm_train.compression import Encoded, NoneCodec, build_codec, decode_view
 from dist_llm_train.config import RunConfig, config_to_yaml
 from dist_llm_train.coordination import (
     Coordinator,
@@ -739,8 +739,12 @@ class ControllerCore:
             # pulling this version shares this one zero-copy payload.
             params = self.server.stored()
             assert params is not None
-            codec = self.pull_codec if self.pull_codec in ("fp16", "bf16") else "none"
-            self._full_cache = (version, build_codec(codec).encode(params))
+            if self.pull_codec in ("fp16", "bf16"):
+                payload = build_codec(self.pull_codec).encode(params)
+            else:
+                # Finite by construction (the server refuses non-finite updates): no check on every pull.
+                payload = NoneCodec.wrap(params.reshape(-1))
+            self._full_cache = (version, payload)
         return self._full_cache[1]
 
     def _delta_payload(self, have: int) -> Encoded | None:
