@@ -662,9 +662,9 @@ class Worker:
         if encoded.numel != self.numel or msg.numel != self.numel:
             log.warning("parameters of %d values, expected %d", encoded.numel, self.numel)
             return "error"
-        # A copy, not a view of the received frame (decode_view), although it costs ~1 ms per pull: with
-        # the frame held until the next pull, `make train` ran at 4,789-5,826 tokens/s in three runs against
-        # 7,764-8,398 with the copy in three runs taken in between (cause not found).
+        # A copy, not a view of the received frame (decode_view), although compute copies it into the model
+        # again: with the view held until the next pull, `make train` ran at 8,040-8,145 tokens/s against
+        # 8,300-8,457 with the copy, in alternating runs (docs/results_runtime.md, session 9).
         values = decode(encoded).reshape(-1)
         if msg.base_version is None:
             self._params, self._deltas = values, 0
