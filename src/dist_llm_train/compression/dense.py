@@ -76,8 +76,8 @@ class NoneCodec(_CastCodec):
         """The payload of ``flat`` (1-D, contiguous, float32), zero-copy and without :meth:`encode`'s checks.
 
         For tensors the caller knows to be finite, such as a parameter server's own parameters (it refuses
-        non-finite updates). encode's full-length finiteness check took 0.3 ms for 0.84M values in a loop and
-        about 1 ms in a trace of the controller, where it ran on every full pull.
+        non-finite updates). encode's full-length finiteness check takes 0.3 ms for 0.84M values in a loop;
+        in the controller, where it ran on every full pull, building the payload took 0.9-1.0 ms.
         """
         if flat.dim() != 1 or flat.dtype != torch.float32 or not flat.is_contiguous():
             raise PreconditionError(

@@ -97,7 +97,7 @@ def varint_decode(data: np.ndarray, count: int, max_bytes: int) -> np.ndarray:
             f"most {max_bytes}"
         )
     # One pass per byte position over the varints that long (usually 1-2 passes, the later ones over
-    # few), instead of expanding every byte to 64 bits and reducing: 4x faster at 5% top-k density.
+    # few), instead of expanding every byte to 64 bits and reducing: 0.53 against 4.0 ms for 42K gaps.
     low = data & np.uint8(0x7F)
     values = low[starts].astype(np.uint64)
     for b in range(1, int(lengths.max())):
