@@ -308,7 +308,6 @@ class Simulation:
         self._recent_honest: deque[torch.Tensor] = deque(maxlen=max(1, n - n_byz))
         self._attacks_deferred = 0
 
-        self._params_cache: tuple[int, torch.Tensor] | None = None
         self._contributed: dict[str, int] = {}
         self._barrier: dict[str, None] = {}
         self._task_waiters: dict[str, None] = {}
@@ -668,12 +667,11 @@ class Simulation:
             self._passes += 1
 
     def _params(self) -> tuple[int, torch.Tensor]:
-        version = self.server.version
-        if self._params_cache is None or self._params_cache[0] != version:
-            snapshot = self.server.snapshot()
-            assert snapshot is not None
-            self._params_cache = (version, snapshot)
-        return self._params_cache
+        # The server's own copy of this version, shared by every worker assigned at it: it is never written,
+        # and a worker's engine copies it into its model.
+        params = self.server.stored()
+        assert params is not None
+        return self.server.version, params
 
     def _assign(self, workers: list[_Worker]) -> None:
         self._expire()
