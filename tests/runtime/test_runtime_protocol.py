@@ -41,6 +41,7 @@ from dist_llm_train.runtime.protocol import (
     decode_payload,
     encode_message,
     next_message_id,
+    owns_frame,
 )
 
 LIMITS = Limits(max_frames=8, max_frame_bytes=64 * 1024, max_header_bytes=4096)
@@ -256,6 +257,11 @@ def test_large_frames_go_in_pieces_and_are_joined() -> None:
     msg, payload = decode_message(frames, limits)
     assert isinstance(msg, Params) and [len(p) for p in payload] == header["frames"]
     assert torch.equal(decode(decode_payload(payload)), values)
+    # The joined frame is the receiver's own writable buffer; a frame that came whole is a view of it.
+    assert owns_frame(payload[1]) and not payload[1].readonly
+    assert not owns_frame(payload[0])
+    whole, _ = _params_frames(4 * 300_000, split=False)
+    assert not any(owns_frame(f) for f in decode_message(whole, limits)[1])
     # Small payloads, and plaintext links, keep one frame per buffer.
     assert "pieces" not in msgpack.unpackb(_params_frames(4 * 1000, split=True)[0][0])
     assert "pieces" not in msgpack.unpackb(_params_frames(4 * 300_000, split=False)[0][0])
