@@ -545,8 +545,8 @@ def decode_message(frames: Sequence[Frame], limits: Limits) -> tuple[Message, li
 
     Returns the typed message and its payload frames as memoryviews (zero-copy views of the received
     frames, which stay valid while the frames do; a frame sent in pieces is joined into a writable copy,
-    see :func:`owns_frame`). Sizes and
-    frame counts are checked before the header is unpacked, so oversized traffic costs nothing to refuse.
+    see :func:`owns_frame`). Sizes and frame counts are checked before the header is unpacked, so
+    oversized traffic costs nothing to refuse.
     Raises :class:`ProtocolError` and nothing else. The payload of PUSH/PARAMS is not parsed here: pass it
     to :func:`decode_payload`.
     """
