@@ -28,22 +28,26 @@ def _address(frame: memoryview) -> int:
     return torch.frombuffer(frame, dtype=torch.uint8).data_ptr()
 
 
-def test_full_parameters_joined_from_pieces_are_held_without_another_copy() -> None:
-    worker = _worker()
-    params = torch.randn(NUMEL, generator=torch.Generator().manual_seed(0))
-    reply = _received(Params(ref=1, version=3, numel=NUMEL), params, split=True)
+def _pull_full(worker: Worker, *, seed: int, split: bool) -> tuple[torch.Tensor, Received]:
+    """Pull full parameters at version 3; returns them and the reply (whose frames the worker may hold)."""
+    params = torch.randn(NUMEL, generator=torch.Generator().manual_seed(seed))
+    reply = _received(Params(ref=1, version=3, numel=NUMEL), params, split=split)
     assert worker._apply_params(reply) is None
     assert worker._params is not None and torch.equal(worker._params, params)
-    assert worker._params.data_ptr() == _address(reply.frames[1])
+    return params, reply
+
+
+def test_full_parameters_joined_from_pieces_are_held_without_another_copy() -> None:
+    worker = _worker()
+    _, reply = _pull_full(worker, seed=0, split=True)
+    assert worker._params is not None and worker._params.data_ptr() == _address(reply.frames[1])
     assert worker._version == 3 and worker.report.pulls_full == 1
 
 
 def test_full_parameters_in_a_received_frame_are_copied_out() -> None:
     worker = _worker()
-    params = torch.randn(NUMEL, generator=torch.Generator().manual_seed(1))
-    reply = _received(Params(ref=1, version=3, numel=NUMEL), params, split=False)
-    assert worker._apply_params(reply) is None
-    assert worker._params is not None and torch.equal(worker._params, params)
+    _, reply = _pull_full(worker, seed=1, split=False)
+    assert worker._params is not None
     # Not a view of the frame: holding it would hold the network buffer until the next pull.
     frame_start = _address(reply.frames[1])
     assert not frame_start <= worker._params.data_ptr() < frame_start + len(reply.frames[1])
@@ -51,9 +55,8 @@ def test_full_parameters_in_a_received_frame_are_copied_out() -> None:
 
 def test_a_delta_is_added_to_the_parameters_held_and_leaves_them_alone() -> None:
     worker = _worker()
-    gen = torch.Generator().manual_seed(2)
-    params, delta = torch.randn(NUMEL, generator=gen), torch.randn(NUMEL, generator=gen)
-    assert worker._apply_params(_received(Params(ref=1, version=3, numel=NUMEL), params, split=True)) is None
+    params, _ = _pull_full(worker, seed=2, split=True)
+    delta = torch.randn(NUMEL, generator=torch.Generator().manual_seed(3))
     held = worker._params
     assert held is not None
     before = held.clone()
