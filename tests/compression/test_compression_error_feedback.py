@@ -91,3 +91,34 @@ def test_none_codec_keeps_zero_residual_without_corrupting_the_payload() -> None
 def test_wraps_only_codecs() -> None:
     with pytest.raises(PreconditionError, match="wraps a Codec"):
         ErrorFeedback("topk")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("topk", {"ratio": 0.05}),
+        ("int8", {}),
+        ("powersgd", {"rank": 2, "shapes": [[20, 100]]}),
+    ],
+)
+def test_a_deferred_residual_gives_the_same_payloads_and_residuals(name: str, params: dict) -> None:
+    now, later = ErrorFeedback(build_codec(name, **params)), ErrorFeedback(build_codec(name, **params))
+    for step, grad in enumerate(_gradients(12, 2000, seed=3)):
+        expected = now.encode(grad)
+        got = later.encode(grad, defer_residual=True)
+        assert later._pending is not None  # the residual really was left for later
+        for a, b in zip(expected.buffers, got.buffers, strict=True):
+            assert torch.equal(a, b), f"payload differs at step {step}"
+        if step % 3 == 0:
+            later.settle()  # as a worker does after sending; otherwise the next encode settles it
+            assert later._pending is None
+        assert torch.equal(now.residual, later.residual)  # reading the residual settles it
+
+
+def test_reset_drops_a_deferred_residual() -> None:
+    ef = ErrorFeedback(build_codec("topk", k=1))
+    ef.encode(torch.tensor([3.0, 1.0, -2.0]), defer_residual=True)
+    ef.reset()
+    ef.settle()
+    assert ef.residual is None
+    assert ef.decode(ef.encode(torch.tensor([0.0, 1.0, 0.0]))).tolist() == [0.0, 1.0, 0.0]

@@ -1,11 +1,22 @@
-"""The worker's handling of pulled parameters (no sockets: PARAMS messages built as the wire delivers them)."""
+"""The worker's handling of pulled parameters (no sockets: PARAMS messages built as the wire delivers them)
+and the order of its work within a task."""
 
 from __future__ import annotations
 
 import torch
 
 from dist_llm_train.compression import build_codec
-from dist_llm_train.runtime.protocol import Limits, Params, decode_message, encode_message
+from dist_llm_train.config import load_config
+from dist_llm_train.coordination import ComputedUpdate
+from dist_llm_train.runtime.protocol import (
+    Limits,
+    MessageType,
+    Params,
+    PushAck,
+    TaskAssign,
+    decode_message,
+    encode_message,
+)
 from dist_llm_train.runtime.transport import Received
 from dist_llm_train.runtime.worker import Worker, WorkerOptions
 
@@ -68,3 +79,53 @@ def test_a_delta_is_added_to_the_parameters_held_and_leaves_them_alone() -> None
     # A delta from a version this worker does not hold is refused.
     stale = _received(Params(ref=3, version=6, base_version=5, numel=NUMEL), delta, split=False)
     assert worker._apply_params(stale) == "error" and worker._version == 4
+
+
+class _RecordingEngine:
+    """Stands in for the WorkerEngine: records the calls the task makes, in order."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def compute(self, params: torch.Tensor, version: int, item: object) -> ComputedUpdate:
+        self.calls.append("compute")
+        return ComputedUpdate(vector=params * 0.5, base_version=version, tokens=8, loss=1.0)
+
+    def encode(self, vector: torch.Tensor, *, defer_residual: bool = False) -> object:
+        self.calls.append(f"encode(defer_residual={defer_residual})")
+        return build_codec("none").encode(vector)
+
+    def settle(self) -> None:
+        self.calls.append("settle")
+
+    def observe_staleness(self, staleness: int) -> None:
+        self.calls.append("ack")
+
+
+def test_the_error_feedback_residual_is_formed_after_the_push_is_sent() -> None:
+    worker = _worker()
+    _pull_full(worker, seed=4, split=False)
+    calls: list[str] = []
+    worker.engine = _RecordingEngine(calls)  # type: ignore[assignment]
+    worker.cfg = load_config("distributed-default")
+    worker._send = lambda message, payload=(), **_: calls.append(f"send {message.TYPE.value}")  # type: ignore[method-assign]
+    ack = PushAck(ref=1, accepted=True, staleness=0, version=3)
+    worker._receive = lambda message, **_: Received(ack, [], 0)  # type: ignore[method-assign]
+    assign = TaskAssign(
+        ref=1,
+        lease_id=1,
+        task_id=1,
+        shard_id=0,
+        start=0,
+        end=1000,
+        micro_batches=1,
+        batch_seed=1,
+        lease_s=30.0,
+        version=3,
+    )
+    assert worker._run_task(assign) == "done"
+    push = calls.index(f"send {MessageType.PUSH.value}")
+    # Encoded without its residual, pushed (and the next task asked for), and only then the residual,
+    # before the worker waits for the controller's reply.
+    assert calls[: push + 1] == ["compute", "encode(defer_residual=True)", f"send {MessageType.PUSH.value}"]
+    assert calls[push + 1 :] == [f"send {MessageType.TASK_REQUEST.value}", "settle", "ack"]

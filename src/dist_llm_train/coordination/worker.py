@@ -202,8 +202,18 @@ class WorkerEngine:
             vector=vector.detach().cpu(), base_version=base_version, tokens=tokens, loss=loss
         )
 
-    def encode(self, vector: torch.Tensor) -> Encoded:
+    def encode(self, vector: torch.Tensor, *, defer_residual: bool = False) -> Encoded:
         """Compress for the wire (with this worker's error-feedback residual). Codec schedules (top-k
-        warm-up) follow the server version of the last :meth:`compute`."""
+        warm-up) follow the server version of the last :meth:`compute`.
+
+        ``defer_residual``: leave forming the new error-feedback residual to :meth:`settle`, for a caller
+        that has the payload to send first (see :meth:`ErrorFeedback.encode`)."""
         self.codec.set_step(self._base_version)
+        if isinstance(self.codec, ErrorFeedback):
+            return self.codec.encode(vector, defer_residual=defer_residual)
         return self.codec.encode(vector)
+
+    def settle(self) -> None:
+        """Finish the work an ``encode(..., defer_residual=True)`` left (nothing otherwise)."""
+        if isinstance(self.codec, ErrorFeedback):
+            self.codec.settle()

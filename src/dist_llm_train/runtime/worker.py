@@ -701,7 +701,8 @@ class Worker:
             if self.attack is not None and not self.attack.is_data_attack:
                 vector = self.attack(vector[None], vector, 1)[0]
             try:
-                encoded = self.engine.encode(vector)
+                # The residual is formed after the push is on its way (below), not on the critical path.
+                encoded = self.engine.encode(vector, defer_residual=True)
             except NonFiniteError:
                 # Codecs refuse NaN/Inf; a hostile worker sends it raw, and the controller must reject it.
                 encoded = Encoded.build(
@@ -736,6 +737,8 @@ class Worker:
                 # so the next task (and the parameters it needs) come back without another round trip.
                 self._pending_request = self._task_request()
                 self._send(self._pending_request, with_previous=True)
+            # While the controller steps and replies: this worker would only wait.
+            self.engine.settle()
             reply = self._receive(push)
         finally:
             self._heartbeat.set(lease_ids=[])
