@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -63,7 +62,7 @@ from dist_llm_train.models import build_model, resolve_model_shapes
 from dist_llm_train.runtime.launcher import free_port
 from dist_llm_train.runtime.security import generate_keys
 from dist_llm_train.telemetry import read_metrics
-from paired import bracketed_ratios
+from paired import bracketed_ratios, machine_description
 
 CLI = [sys.executable, "-m", "dist_llm_train.cli"]
 
@@ -435,7 +434,7 @@ def main() -> None:
             if placement is None
             else {"compute": sorted(placement.compute), "controller": sorted(placement.controller)},
             "target": 0.9,
-            "machine": {"python": platform.python_version(), "torch": torch.__version__},
+            "machine": machine_description(),
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")

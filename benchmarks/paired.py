@@ -8,7 +8,14 @@ ratio of pooled medians would mix in.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
 
 
 def round_ratios(runs: list[float], baseline: list[float]) -> list[float]:
@@ -34,3 +41,23 @@ def bracketed_ratios(runs: list[float], baseline: list[float], positions: list[i
     if any(p < 0 or p + 1 >= len(baseline) for p in positions):
         raise ValueError(f"positions {positions} need baseline runs on both sides ({len(baseline)} runs)")
     return [rate / ((baseline[p] + baseline[p + 1]) / 2) for rate, p in zip(runs, positions, strict=True)]
+
+
+def machine_description() -> dict[str, Any]:
+    """What a result was measured on. The same command gave per-task compute of 175 ms on one of these VMs
+    and 80 ms on another (sessions 10 and 11), so a ratio is only comparable with its machine named."""
+    cpu: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        # The first processor's block; virtual machines often report only a generic name, so the family
+        # and model numbers go with it.
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "stepping"):
+                cpu[key.strip()] = value.strip()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu or platform.processor() or None,
+        "cpus": sorted(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+    }

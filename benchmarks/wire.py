@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import statistics
 import tempfile
 import time
@@ -51,7 +50,7 @@ from dist_llm_train.runtime.security import (
     load_public_key,
 )
 from dist_llm_train.runtime.transport import make_dealer, make_router, router_recv, router_send
-from paired import paired_ratio, round_ratios
+from paired import machine_description, paired_ratio, round_ratios
 
 
 def _raw_sender(endpoint: str, numel: int, messages: int, keys: str | None = None) -> None:
@@ -277,11 +276,7 @@ def main() -> None:
             "ratio_without_finiteness_check": no_check_ratio,
             "target": 0.7,
             "met": ratio >= 0.7,
-            "machine": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "zmq": zmq.zmq_version(),
-            },
+            "machine": {**machine_description(), "zmq": zmq.zmq_version()},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")
