@@ -15,6 +15,12 @@ Both sides run in the same invocation, alternating rounds, so machine load hits 
   link (controller+curve vs raw+curve). ``--ablate-check`` adds *controller-no-check*: the controller path
   without the finiteness reduction, to show what share of the gap that one pass over the payload is.
 
+The receiving side runs on one pinned CPU (``--cpu``) and the sender on the others, for both paths, as a
+controller and its workers run on machines of their own. Left to the scheduler on a 2-CPU machine, the
+four busy threads (two per process) landed differently from run to run: per-round ratios of one run fell
+into two groups around 0.63 and 0.78 (session 11); pinned, they were 0.69-0.74. The receiving process also
+runs with the controller's allocator settings (:func:`~dist_llm_train.runtime.allocator.retain_freed_buffers`).
+
 Rates are updates per second between the first and the last update received (the first ``--warmup``
 updates excluded). Each controller run is compared with the mean of the raw runs just before and after it
 (a last raw run closes the sequence), and the median of these per-round ratios is the result; the target
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
@@ -41,6 +48,7 @@ from rich.table import Table
 
 from dist_llm_train.compression import NoneCodec, decode_view
 from dist_llm_train.coordination.flat import all_finite
+from dist_llm_train.runtime.allocator import retain_freed_buffers
 from dist_llm_train.runtime.protocol import Limits, Push, PushAck, decode_payload, encode_message
 from dist_llm_train.runtime.security import (
     CurveClient,
@@ -100,6 +108,17 @@ def _protocol_sender(endpoint: str, numel: int, messages: int, keys: str | None)
     ctx.term()
 
 
+# CPUs the sending process is pinned to (None: left to the scheduler); set by main from --cpu.
+_SENDER_CPUS: set[int] | None = None
+
+
+def _start_sender(sender: mp.process.BaseProcess) -> None:
+    sender.start()
+    if _SENDER_CPUS is not None and sender.pid is not None:
+        # Set before the child has imported torch and zmq, so the threads it starts inherit it.
+        os.sched_setaffinity(sender.pid, _SENDER_CPUS)
+
+
 def _rate(times: list[float], warmup: int) -> float:
     kept = times[warmup:]
     return (len(kept) - 1) / (kept[-1] - kept[0])
@@ -119,7 +138,7 @@ def run_raw(numel: int, messages: int, warmup: int, keys: Path | None = None) ->
         target=_raw_sender,
         args=(f"tcp://127.0.0.1:{port}", numel, messages, None if keys is None else str(keys)),
     )
-    sender.start()
+    _start_sender(sender)
     times = []
     for _ in range(messages):
         frame = sock.recv(copy=False)
@@ -147,7 +166,7 @@ def run_controller(
         target=_protocol_sender,
         args=(f"tcp://127.0.0.1:{port}", numel, messages, None if keys is None else str(keys)),
     )
-    sender.start()
+    _start_sender(sender)
     buffer: deque[torch.Tensor] = deque(maxlen=4)
     times = []
     try:
@@ -191,9 +210,26 @@ def main() -> None:
         action="store_true",
         help="also measure the controller path without the finiteness check",
     )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=max(os.sched_getaffinity(0)),
+        help="CPU for the receiving side (raw PULL or the controller path, with its ZeroMQ I/O thread); the "
+        "sender gets the others (default: the highest-numbered CPU; -1: no pinning)",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    global _SENDER_CPUS
+    available = sorted(os.sched_getaffinity(0))
+    if args.cpu >= 0 and len(available) >= 2:
+        if args.cpu not in available:
+            raise SystemExit(f"--cpu {args.cpu}: this process may run on CPUs {available} only")
+        # Before any ZeroMQ context exists: its I/O threads inherit the affinity.
+        os.sched_setaffinity(0, {args.cpu})
+        _SENDER_CPUS = {c for c in available if c != args.cpu}
+    # This process receives for both paths: with the allocator settings the controller process runs with.
+    retain_freed_buffers()
     keys_dir = None
     tmp = tempfile.TemporaryDirectory()
     if args.curve:
@@ -276,6 +312,9 @@ def main() -> None:
             "ratio_without_finiteness_check": no_check_ratio,
             "target": 0.7,
             "met": ratio >= 0.7,
+            "placement": None
+            if _SENDER_CPUS is None
+            else {"receiver": sorted(os.sched_getaffinity(0)), "sender": sorted(_SENDER_CPUS)},
             "machine": {**machine_description(), "zmq": zmq.zmq_version()},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

