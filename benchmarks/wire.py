@@ -18,7 +18,7 @@ Both sides run in the same invocation, alternating rounds, so machine load hits 
 The receiving side runs on one pinned CPU (``--cpu``) and the sender on the others, for both paths, as a
 controller and its workers run on machines of their own. Left to the scheduler on a 2-CPU machine, the
 four busy threads (two per process) landed differently from run to run: per-round ratios of one run fell
-into two groups around 0.63 and 0.78 (session 11); pinned, they were 0.69-0.74. The receiving process also
+into two groups around 0.63 and 0.78 (session 11); pinned, they were 0.67-0.74. The receiving process also
 runs with the controller's allocator settings (:func:`~dist_llm_train.runtime.allocator.retain_freed_buffers`).
 
 Rates are updates per second between the first and the last update received (the first ``--warmup``

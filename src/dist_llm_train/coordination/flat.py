@@ -77,8 +77,9 @@ def all_finite(tensor: torch.Tensor) -> bool:
     NaN or ±Inf anywhere makes the reduction non-finite, so a finite result proves the tensor finite; only
     a non-finite result (which finite values can also produce by overflow) pays for the element-wise check.
     ``torch.isfinite(t).all()`` costs ~40x more per million floats on one CPU thread. For float32/64 the
-    reduction is ``x · x`` (a BLAS dot that reads ``x`` once): 0.27 ms per million float32 against 0.34 ms
-    for ``sum`` on one thread of the machines measured; it overflows only once ``|x|`` reaches about 1e19.
+    reduction is ``x · x`` (a BLAS dot that reads ``x`` once): per million float32 on one thread, 0.31 ms
+    against 0.35 ms for ``sum`` when ``x`` is not in cache, the same 0.16 ms when it is. It overflows only
+    once ``|x|`` reaches about 1e19.
     """
     if tensor.dtype in (torch.float32, torch.float64) and tensor.is_contiguous():
         flat = tensor.reshape(-1)

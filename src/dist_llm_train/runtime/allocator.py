@@ -6,8 +6,7 @@ freed, and trims the top of a heap once the free space there passes its trim thr
 buffer then faults the same pages back in, zero-filled, one 4 KiB page at a time. In
 ``benchmarks/wire.py``'s controller path (session 11) that was 113-140 page faults per 4 MB update; with
 :func:`retain_freed_buffers` it was 0-17, and that path without its finiteness check went from 0.85 and
-0.77 of raw ZeroMQ to 1.06 and 0.99 (two runs each, alternating, together with the faster
-:func:`~dist_llm_train.coordination.flat.all_finite`).
+0.77 of raw ZeroMQ to 1.06 and 0.99 (two runs each, alternating).
 
 The cost: memory freed after a peak (a burst of pushes, a checkpoint) stays in the process, up to the trim
 threshold, instead of going back to the system. Symptom → setting: if the controller's resident memory stays
