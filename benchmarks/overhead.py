@@ -62,7 +62,7 @@ from dist_llm_train.models import build_model, resolve_model_shapes
 from dist_llm_train.runtime.launcher import free_port
 from dist_llm_train.runtime.security import generate_keys
 from dist_llm_train.telemetry import read_metrics
-from paired import bracketed_ratios, machine_description
+from paired import bracketed_ratios, machine_description, split_cpus
 
 CLI = [sys.executable, "-m", "dist_llm_train.cli"]
 
@@ -82,12 +82,8 @@ class Placement:
 
     @classmethod
     def choose(cls, cpu: int | None) -> Placement | None:
-        available = sorted(os.sched_getaffinity(0))
-        if cpu is None or len(available) < 2:
-            return None
-        if cpu not in available:
-            raise SystemExit(f"--cpu {cpu}: this process may run on CPUs {available} only")
-        return cls(frozenset({cpu}), frozenset(c for c in available if c != cpu))
+        split = split_cpus(cpu)
+        return None if split is None else cls(*split)
 
 
 def in_process_fresh(

@@ -61,3 +61,14 @@ def machine_description() -> dict[str, Any]:
         "cpus": sorted(os.sched_getaffinity(0)),
         "kernel": platform.release(),
     }
+
+
+def split_cpus(cpu: int | None) -> tuple[frozenset[int], frozenset[int]] | None:
+    """``({cpu}, the other CPUs this process may use)`` for a ``--cpu`` option; ``None`` for no pinning
+    (``cpu`` None or negative, or fewer than two CPUs). Exits with a one-line error for a CPU not allowed."""
+    available = sorted(os.sched_getaffinity(0))
+    if cpu is None or cpu < 0 or len(available) < 2:
+        return None
+    if cpu not in available:
+        raise SystemExit(f"--cpu {cpu}: this process may run on CPUs {available} only")
+    return frozenset({cpu}), frozenset(c for c in available if c != cpu)

@@ -58,7 +58,7 @@ from dist_llm_train.runtime.security import (
     load_public_key,
 )
 from dist_llm_train.runtime.transport import make_dealer, make_router, router_recv, router_send
-from paired import machine_description, paired_ratio, round_ratios
+from paired import machine_description, paired_ratio, round_ratios, split_cpus
 
 
 def _raw_sender(endpoint: str, numel: int, messages: int, keys: str | None = None) -> None:
@@ -221,13 +221,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     global _SENDER_CPUS
-    available = sorted(os.sched_getaffinity(0))
-    if args.cpu >= 0 and len(available) >= 2:
-        if args.cpu not in available:
-            raise SystemExit(f"--cpu {args.cpu}: this process may run on CPUs {available} only")
+    split = split_cpus(args.cpu)
+    if split is not None:
         # Before any ZeroMQ context exists: its I/O threads inherit the affinity.
-        os.sched_setaffinity(0, {args.cpu})
-        _SENDER_CPUS = {c for c in available if c != args.cpu}
+        os.sched_setaffinity(0, split[0])
+        _SENDER_CPUS = set(split[1])
     # This process receives for both paths: with the allocator settings the controller process runs with.
     retain_freed_buffers()
     keys_dir = None
