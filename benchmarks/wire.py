@@ -109,7 +109,7 @@ def _protocol_sender(endpoint: str, numel: int, messages: int, keys: str | None)
 
 
 # CPUs the sending process is pinned to (None: left to the scheduler); set by main from --cpu.
-_SENDER_CPUS: set[int] | None = None
+_SENDER_CPUS: frozenset[int] | None = None
 
 
 def _start_sender(sender: mp.process.BaseProcess) -> None:
@@ -225,7 +225,7 @@ def main() -> None:
     if split is not None:
         # Before any ZeroMQ context exists: its I/O threads inherit the affinity.
         os.sched_setaffinity(0, split[0])
-        _SENDER_CPUS = set(split[1])
+        _SENDER_CPUS = split[1]
     # This process receives for both paths: with the allocator settings the controller process runs with.
     retain_freed_buffers()
     keys_dir = None
