@@ -35,6 +35,8 @@ def test_yaml_then_overrides_in_order(tmp_path: Path) -> None:
         ("model.preset=gpt-huge", "model.preset='gpt-huge'"),
         ("training.min_lr=1", "must not exceed training.lr"),
         ("cluster.speeds=[1, 2]", "cluster.speeds has 2 entries"),
+        ("scheduling.min_workers=5", "scheduling.min_workers (5) exceeds cluster.workers (4)"),
+        ("scheduling.min_workers=0", "scheduling.min_workers=0"),
         ("data.val_fraction=0.9", "data.val_fraction=0.9"),
     ],
 )

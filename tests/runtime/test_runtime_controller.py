@@ -513,6 +513,43 @@ def test_parked_request_times_out_with_no_task(cache: Path, data: PreparedData) 
     assert len(out) == 1 and isinstance(out[0].message, NoTask) and out[0].message.reason == "barrier"
 
 
+def test_no_task_until_min_workers_have_registered(cache: Path, data: PreparedData) -> None:
+    cfg = _config(cache, scheduling={"min_workers": 3, "failure_timeout_s": 100.0})
+    h = Harness(cfg, data)
+    h.register("a")
+    h.register("b")
+    assert h.send("a", TaskRequest()) == []  # parked while the cluster assembles
+    h.clock.advance(1.0)
+    out = h.core.tick()
+    assert len(out) == 1 and isinstance(out[0].message, NoTask) and out[0].message.reason == "assembling"
+    assert h.send("a", TaskRequest()) == []
+    assert not h.core.assembled and h.core.snapshot()["assembled"] is False
+    h.register("c")
+    out = h.core.tick()  # the third registration opens the gate; the parked request is served
+    assert [(o.worker_id, type(o.message)) for o in out] == [("a", TaskAssign)]
+    assert [f for e, f in h.events if e == "assembled"] == [{"workers": 3, "min_workers": 3, "version": 0}]
+    # Open for the rest of the run, even when a worker leaves.
+    h.send("c", Leave(reason="test"))
+    assert isinstance(h.one("b", TaskRequest()), TaskAssign)
+
+
+def test_a_resumed_controller_waits_again_for_min_workers(
+    cache: Path, data: PreparedData, tmp_path: Path
+) -> None:
+    cfg = _config(cache, sync={"buffer_size": 1}, scheduling={"min_workers": 2}, cluster={"workers": 2})
+    h = Harness(cfg, data)
+    h.register("a")
+    h.register("b")
+    h.push("a", h.task("a"), _grad(h.numel, 1))
+    resumed = Harness(cfg, data)
+    resumed.core.load_state_dict(h.core.state_dict())  # the gate is not part of the checkpoint
+    assert resumed.core.next_task_id == h.core.next_task_id
+    resumed.register("a")
+    assert resumed.send("a", TaskRequest()) == []
+    resumed.register("b")
+    assert [type(o.message) for o in resumed.core.tick()] == [TaskAssign]
+
+
 def test_leave_requeues_and_finish_shuts_everyone_down(cache: Path, data: PreparedData) -> None:
     h = Harness(_config(cache), data)
     h.register("a")

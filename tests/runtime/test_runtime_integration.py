@@ -270,7 +270,9 @@ def test_controller_sigkill_and_resume(procs: Processes, tmp_path: Path, cache: 
         cache,
         training={"max_steps": 90, "checkpoint_interval": 10, "eval_interval": 30},
         sync={"mode": "adaptive", "buffer_size": 2},
-        scheduling={"lease_s": 2.0, "heartbeat_interval_s": 0.25, "failure_timeout_s": 5.0},
+        # min_workers: the resumed controller waits for both workers, so the one that reconnects first
+        # cannot finish the run alone before the other is back.
+        scheduling={"lease_s": 2.0, "heartbeat_interval_s": 0.25, "failure_timeout_s": 5.0, "min_workers": 2},
     )
     run_dir = tmp_path / "run"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -328,6 +330,8 @@ def test_controller_sigkill_and_resume(procs: Processes, tmp_path: Path, cache: 
     # The same worker processes came back by themselves, under the same identities.
     after = {r["name"]: r["worker_id"] for r in events(run_dir, "register") if r["time"] >= killed_at}
     assert after == before
+    assembled = [r for r in events(run_dir, "assembled") if r["time"] >= killed_at]
+    assert [(r["workers"], r["version"]) for r in assembled] == [(2, version)]
     pushes = [r for r in events(run_dir, "push") if r["time"] >= killed_at and r["accepted"]]
     assert pushes and min(r["base_version"] for r in pushes) >= version
     summary = json.loads((run_dir / "summary.json").read_text())

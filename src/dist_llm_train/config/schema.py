@@ -258,6 +258,14 @@ class SchedulingConfig(Section):
     heartbeat_interval_s: float = Field(default=2.0, gt=0.0)
     failure_detector: Literal["timeout", "phi-accrual"] = "timeout"
     failure_timeout_s: float = Field(default=6.0, gt=0.0)
+    min_workers: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "the controller hands out no task until this many workers have registered with it, at start "
+            "and again after --resume; raise it when the first worker to arrive runs ahead of the others"
+        ),
+    )
 
 
 class TelemetryConfig(Section):
@@ -280,3 +288,13 @@ class RunConfig(Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+    @model_validator(mode="after")
+    def _min_workers_within_cluster(self) -> RunConfig:
+        # A gate no run can open would leave the controller waiting for ever.
+        if self.scheduling.min_workers > self.cluster.workers:
+            raise ValueError(
+                f"scheduling.min_workers ({self.scheduling.min_workers}) exceeds cluster.workers "
+                f"({self.cluster.workers}): lower min_workers or raise cluster.workers"
+            )
+        return self

@@ -27,6 +27,10 @@ Symptoms and settings:
   (a worker blocked on a long upload over a slow link sends no heartbeat meanwhile);
 - many ``too-stale`` rejections: ``sync.mode=adaptive`` or a larger ``sync.max_staleness``;
 - workers waiting on pulls over a slow link: ``--pull-codec fp16`` (or ``int8`` deltas).
+- workers answered ``no-task`` with reason ``assembling``: fewer than ``scheduling.min_workers`` are
+  registered (start the missing ones, or lower it);
+- after a start or ``--resume``, the first worker to arrive runs far ahead of the others: raise
+  ``scheduling.min_workers``.
 """
 
 from __future__ import annotations
@@ -336,6 +340,9 @@ class ControllerCore:
         self.step_waits = 0
         self.step_wait_timeouts = 0
         self._round_started = clock.now()
+        # scheduling.min_workers: no task until that many workers are registered with this process. Not
+        # checkpointed on purpose: after --resume the cluster assembles again before training goes on.
+        self.assembled = sc.min_workers <= 1
         self._dirty = False
         self._full_cache: tuple[int, Encoded] | None = None
         self._delta_cache: dict[int, Encoded] = {}
@@ -516,6 +523,7 @@ class ControllerCore:
         )
         self.workers[wid] = record
         self.detector.heartbeat(wid)
+        self._open_when_assembled()
         self.emit(
             "register",
             worker_id=wid,
@@ -538,6 +546,16 @@ class ControllerCore:
             config_json=self.config_json,
         )
         return [self._to(inbound, ok)]
+
+    def _open_when_assembled(self) -> None:
+        min_workers = self.cfg.scheduling.min_workers
+        if self.assembled or len(self.workers) < min_workers:
+            return
+        self.assembled = True
+        self._dirty = True
+        self._round_started = self.clock.now()  # a sync round starts now, not while the cluster gathered
+        self.emit("assembled", workers=len(self.workers), min_workers=min_workers, version=self.version)
+        log.info("%d workers registered (min_workers %d): handing out tasks", len(self.workers), min_workers)
 
     def _on_heartbeat(self, inbound: Inbound, record: WorkerRecord, msg: Heartbeat) -> list[Outgoing]:
         # Renew only the leases the worker says it still works on: a task it abandoned then expires and
@@ -683,7 +701,7 @@ class ControllerCore:
             for task in tasks:
                 self.emit("lease", kind="release", task_id=task.task_id, worker_id=wid, reason="abandoned")
         wait = self._start_step_wait(wid)
-        if not self._blocked(wid):
+        if self.assembled and not self._blocked(wid):
             granted = self._assign([wid]).get(wid)
             if granted:
                 return self._grant(record, inbound.routing_id, msg, granted)
@@ -713,7 +731,9 @@ class ControllerCore:
             self._waiters.clear()
             return out
         now = self.clock.now()
-        ready = [w for w in self._waiters if w in self.workers and not self._blocked(w)]
+        ready = (
+            [w for w in self._waiters if w in self.workers and not self._blocked(w)] if self.assembled else []
+        )
         granted = self._assign(ready) if ready and self._dirty else {}
         for wid in list(self._waiters):
             waiter = self._waiters[wid]
@@ -722,7 +742,9 @@ class ControllerCore:
                 out.extend(self._grant(self.workers[wid], waiter.routing_id, waiter.request, leases))
                 del self._waiters[wid]
             elif now >= waiter.deadline or wid not in self.workers:
-                reason = "barrier" if self._blocked(wid) else "no-task"
+                reason = (
+                    "assembling" if not self.assembled else "barrier" if self._blocked(wid) else "no-task"
+                )
                 out.append(
                     Outgoing(
                         waiter.routing_id, wid, NoTask(ref=waiter.ref, retry_after_s=_RETRY_S, reason=reason)
@@ -907,7 +929,12 @@ class ControllerCore:
 
     def _straggler_timeout(self) -> None:
         timeout = self.cfg.sync.straggler_timeout_s
-        if not self.sync_like or timeout is None or self.clock.now() - self._round_started < timeout:
+        if (
+            not self.sync_like
+            or not self.assembled
+            or timeout is None
+            or self.clock.now() - self._round_started < timeout
+        ):
             return
         coordinator = self.coordinator
         self.straggler_timeouts += 1
@@ -970,6 +997,7 @@ class ControllerCore:
             "aggregator": self.cfg.aggregation.rule,
             "numel": self.numel,
             "workers_registered": len(self.workers),
+            "assembled": self.assembled,
             "coordinator": stats.as_dict(),
             "rejected": dict(rejected),
             "protocol_errors": dict(self.protocol_errors),

@@ -343,7 +343,8 @@ class TaskAssign(_MessageBase):
 
 class NoTask(_MessageBase):
     """Controller → worker: nothing to do now; ask again after ``retry_after_s``. ``reason`` e.g.
-    ``no-task``, ``not-registered``, ``at-capacity``, ``finished``."""
+    ``no-task``, ``not-registered``, ``at-capacity``, ``barrier`` (sync round), ``assembling`` (fewer
+    than ``scheduling.min_workers`` registered), ``finished``."""
 
     TYPE: ClassVar[MessageType] = MessageType.NO_TASK
     retry_after_s: float = Field(gt=0.0, le=3600.0)
