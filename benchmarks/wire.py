@@ -19,7 +19,9 @@ The receiving side runs on one pinned CPU (``--cpu``) and the sender on the othe
 controller and its workers run on machines of their own. Left to the scheduler on a 2-CPU machine, the
 four busy threads (two per process) landed differently from run to run: per-round ratios of one run fell
 into two groups around 0.63 and 0.78 (session 11); pinned, they were 0.67-0.74. The receiving process also
-runs with the controller's allocator settings (:func:`~dist_llm_train.runtime.allocator.retain_freed_buffers`).
+runs with the controller's allocator settings (:func:`~dist_llm_train.runtime.allocator.retain_freed_buffers`),
+and both receiving contexts start their ZeroMQ threads as the controller does, below the receiving thread's
+priority (:func:`~dist_llm_train.runtime.io_threads.start_io_threads`).
 
 Rates are updates per second between the first and the last update received (the first ``--warmup``
 updates excluded). Each controller run is compared with the mean of the raw runs just before and after it
@@ -49,6 +51,7 @@ from rich.table import Table
 from dist_llm_train.compression import NoneCodec, decode_view
 from dist_llm_train.coordination.flat import all_finite
 from dist_llm_train.runtime.allocator import retain_freed_buffers
+from dist_llm_train.runtime.io_threads import IO_THREAD_NICE, start_io_threads
 from dist_llm_train.runtime.protocol import Limits, Push, PushAck, decode_payload, encode_message
 from dist_llm_train.runtime.security import (
     CurveClient,
@@ -126,6 +129,7 @@ def _rate(times: list[float], warmup: int) -> float:
 
 def run_raw(numel: int, messages: int, warmup: int, keys: Path | None = None) -> float:
     ctx = zmq.Context()
+    start_io_threads(ctx)  # as the controller runs them (its receiving thread waits in recv here anyway)
     server = None
     if keys is not None:
         # The same CurveServer (keys + ZAP allow-list) as the controller path: only the protocol work differs.
@@ -156,6 +160,7 @@ def run_controller(
     numel: int, messages: int, warmup: int, keys: Path | None, *, check_finite: bool = True
 ) -> float:
     ctx = zmq.Context()
+    start_io_threads(ctx)  # the controller's setting: its I/O threads yield to the thread that handles
     limits = Limits.for_params(numel)
     server = None
     if keys is not None:
@@ -313,6 +318,7 @@ def main() -> None:
             "placement": None
             if _SENDER_CPUS is None
             else {"receiver": sorted(os.sched_getaffinity(0)), "sender": sorted(_SENDER_CPUS)},
+            "receiver_io_thread_nice": IO_THREAD_NICE,
             "machine": {**machine_description(), "zmq": zmq.zmq_version()},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ Symptoms and settings:
   registered (start the missing ones, or lower it);
 - after a start or ``--resume``, the first worker to arrive runs far ahead of the others: raise
   ``scheduling.min_workers``.
+- a controller sharing its CPUs falls behind its workers' pushes: keep ``ControllerOptions.io_nice`` above 0
+  (libzmq's I/O threads yield to the loop; see :mod:`~dist_llm_train.runtime.io_threads`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from dist_llm_train.data import PreparedData, prepare_data
 from dist_llm_train.errors import ConfigError, PreconditionError, UserError
 from dist_llm_train.models import LanguageModel, build_model, resolve_model_shapes
 from dist_llm_train.runtime.allocator import retain_freed_buffers
+from dist_llm_train.runtime.io_threads import IO_THREAD_NICE, start_io_threads
 from dist_llm_train.runtime.metrics import PrometheusExporter, setup_logging
 from dist_llm_train.runtime.protocol import (
     ErrorReply,
@@ -1033,7 +1036,8 @@ class ControllerOptions:
     ``time_limit_s``: stop (gracefully, with a checkpoint) after this many seconds of serving.
     ``roles``: ground-truth roles for experiments (see :class:`ControllerCore`). ``poll_s``: the poll
     timeout of the loop: the longest the periodic duties wait (eviction, lease expiry); lower it for
-    sub-second failure timeouts.
+    sub-second failure timeouts. ``io_nice``: how far below the loop's priority libzmq's I/O threads run
+    (see :mod:`~dist_llm_train.runtime.io_threads`; 0 leaves them as they start).
     """
 
     bind: str = "tcp://127.0.0.1:5555"
@@ -1050,6 +1054,7 @@ class ControllerOptions:
     poll_s: float = 0.05
     stats_interval_s: float = 2.0
     checkpoint_keep: int = 2
+    io_nice: int = IO_THREAD_NICE
 
 
 class _Evaluator:
@@ -1201,6 +1206,10 @@ class Controller:
         data.tokenizer.save(self.run_dir / "tokenizer.json")
 
         context = zmq.Context()
+        # Before the CurveZMQ authenticator's socket starts the context, and before the evaluator's thread.
+        io_threads = start_io_threads(context, nice=opts.io_nice)
+        if io_threads:
+            log.info("ZeroMQ background threads %s run at nice +%d", io_threads, opts.io_nice)
         curve: CurveServer | None = None
         exporter: PrometheusExporter | None = None
         evaluator = _Evaluator(eval_model, data, cfg, device)
