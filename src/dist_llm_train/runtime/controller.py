@@ -526,7 +526,6 @@ class ControllerCore:
         )
         self.workers[wid] = record
         self.detector.heartbeat(wid)
-        self._open_when_assembled()
         self.emit(
             "register",
             worker_id=wid,
@@ -539,6 +538,7 @@ class ControllerCore:
             version=self.version,
         )
         log.info("worker %s (%s, %s) registered", wid, msg.name, msg.device)
+        self._open_when_assembled()
         sc = self.cfg.scheduling
         ok = RegisterOk(
             ref=msg.id,

@@ -3,14 +3,16 @@
 libzmq receives on its own I/O thread and hands complete messages to the thread that calls ``recv``. When
 both share a CPU at the same priority, the kernel lets the I/O thread preempt the handler whenever more
 bytes arrive: the handler is interrupted in the middle of a message (validation, the finiteness check over
-the update) while the I/O thread writes the next multi-megabyte message, and then resumes on data the next
-message has pushed out of the CPU's cache. Lowered below the handler, the I/O thread reads ahead only while
-the handler waits, which is when it has nothing else to do.
+the update) while the I/O thread writes the next multi-megabyte message, and then resumes, most likely on
+data that the next message has pushed out of the CPU's cache (the preemptions and the rates below are
+measured; the cache is our reading of them). Lowered below the handler, the I/O thread reads ahead only
+while the handler waits, which is when it has nothing else to do.
 
 Measured with ``benchmarks/wire.py``'s controller path (session 12; 4 MB updates, the receiving side on one
 CPU): the handler was preempted 200-217 times per 400 updates at equal priority and 19-49 times with the I/O
-thread at nice +5; ingest went from 0.66-0.78 to 0.71-0.85 of raw ZeroMQ over ten rounds each. With a CPU
-to itself the I/O thread is never in the handler's way and the setting changes nothing.
+thread at nice +5; ingest went from 0.66-0.78 to 0.71-0.85 of raw ZeroMQ over ten rounds each, and the
+benchmark's headline from 0.698-0.708 to 0.758-0.775 in three runs of each, alternating. With a CPU to
+itself the I/O thread is never in the handler's way and the setting changes nothing.
 
 Symptom → setting: a controller that has to share its CPUs and falls behind its workers' pushes keeps the
 default (:data:`IO_THREAD_NICE`); ``0`` leaves libzmq's threads as they start. Linux only (``nice`` is a
