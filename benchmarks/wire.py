@@ -160,7 +160,7 @@ def run_controller(
     numel: int, messages: int, warmup: int, keys: Path | None, *, check_finite: bool = True
 ) -> float:
     ctx = zmq.Context()
-    start_io_threads(ctx)  # the controller's setting: its I/O threads yield to the thread that handles
+    start_io_threads(ctx)  # the controller's setting: its I/O threads yield to the handling thread
     limits = Limits.for_params(numel)
     server = None
     if keys is not None:

@@ -533,9 +533,7 @@ def test_no_task_until_min_workers_have_registered(cache: Path, data: PreparedDa
     assert isinstance(h.one("b", TaskRequest()), TaskAssign)
 
 
-def test_a_resumed_controller_waits_again_for_min_workers(
-    cache: Path, data: PreparedData, tmp_path: Path
-) -> None:
+def test_a_resumed_controller_waits_again_for_min_workers(cache: Path, data: PreparedData) -> None:
     cfg = _config(cache, sync={"buffer_size": 1}, scheduling={"min_workers": 2}, cluster={"workers": 2})
     h = Harness(cfg, data)
     h.register("a")
